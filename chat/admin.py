@@ -1,0 +1,66 @@
+from django.contrib import admin
+from django.db.models import Count, Sum
+from django.db.models.functions import Coalesce
+
+from chat.models import Conversation, Message
+
+USAGE_FIELDS = ("model", "prompt_tokens", "completion_tokens", "first_token_ms", "latency_ms")
+
+
+class MessageInline(admin.TabularInline):
+    model = Message
+    fk_name = "conversation"
+    extra = 0
+    can_delete = False
+    fields = ("created_at", "role", "status", "content", *USAGE_FIELDS, "error_code")
+    readonly_fields = fields
+    ordering = ("created_at", "id")
+
+    def has_add_permission(self, request, obj=None) -> bool:
+        return False
+
+
+@admin.register(Conversation)
+class ConversationAdmin(admin.ModelAdmin):
+    list_display = ("title", "owner", "message_count", "tokens", "created_at", "updated_at")
+    list_filter = ("owner", "created_at", "messages__status")
+    search_fields = ("title", "messages__content", "owner__username")
+    date_hierarchy = "created_at"
+    inlines = [MessageInline]
+    readonly_fields = ("owner", "created_at", "updated_at")
+
+    def get_queryset(self, request):
+        return (
+            super()
+            .get_queryset(request)
+            .select_related("owner")
+            .annotate(
+                _messages=Count("messages", distinct=True),
+                _tokens=Coalesce(Sum("messages__prompt_tokens"), 0) + Coalesce(Sum("messages__completion_tokens"), 0),
+            )
+        )
+
+    @admin.display(ordering="_messages", description="messages")
+    def message_count(self, obj: Conversation) -> int:
+        return obj._messages
+
+    @admin.display(ordering="_tokens", description="tokens")
+    def tokens(self, obj: Conversation) -> int | None:
+        return obj._tokens
+
+
+@admin.register(Message)
+class MessageAdmin(admin.ModelAdmin):
+    list_display = ("id", "conversation", "role", "status", "short_content", *USAGE_FIELDS, "created_at")
+    list_filter = ("status", "role", "conversation__owner", "created_at", "model")
+    search_fields = ("content", "conversation__title")
+    date_hierarchy = "created_at"
+    list_select_related = ("conversation",)
+    readonly_fields = [f.name for f in Message._meta.fields]
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    @admin.display(description="content")
+    def short_content(self, obj: Message) -> str:
+        return obj.content[:80]

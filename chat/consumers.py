@@ -1,0 +1,226 @@
+"""The chat WebSocket: protocol v1 (docs/protocol.md) over one socket per browser tab."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from channels.db import database_sync_to_async
+from channels.generic.websocket import AsyncWebsocketConsumer
+from django.conf import settings
+
+from chat import generation, protocol, services
+from chat.generation import ControlDispatcher, group_name
+from chat.llm import ProviderError, get_provider
+from chat.models import Message
+from chat.protocol import ProtocolError
+
+logger = logging.getLogger(__name__)
+
+# How long a joining socket waits for a running generation to tell its text so far.
+SNAPSHOT_TIMEOUT = 2.0
+
+
+class ChatConsumer(AsyncWebsocketConsumer):
+    conversation_id: int | None = None
+    # While joining a reply mid-stream: message id -> frames that arrived before its snapshot.
+    syncing: dict[str, list[dict[str, Any]]]
+
+    async def connect(self) -> None:
+        self.user = self.scope.get("user")
+        if self.user is None or not self.user.is_authenticated:
+            await self.close()  # before accept: the handshake is refused
+            return
+        self.syncing = {}
+        self.awaiting: dict[str, Callable[[str, Message | None], Awaitable[None]]] = {}
+        self.deadlines: set[asyncio.Task] = set()
+        await self.accept()
+
+    async def disconnect(self, code: int) -> None:
+        # Leaving the group does not touch any running generation: it finishes and is saved.
+        await self._unsubscribe()
+
+    async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        size = len(text_data.encode()) if text_data is not None else len(bytes_data or b"")
+        if size > settings.CHAT_HARD_FRAME_BYTES:
+            await self.close(code=protocol.CLOSE_TOO_BIG)
+            return
+        try:
+            frame = protocol.parse(text_data, bytes_data)
+            if isinstance(frame, protocol.Open):
+                await self.open(frame)
+            elif isinstance(frame, protocol.Send):
+                await self.send_message(frame)
+            elif isinstance(frame, protocol.Stop):
+                await self.stop(frame)
+            elif isinstance(frame, protocol.Regenerate):
+                await self.regenerate(frame)
+        except ProtocolError as exc:
+            await self.send_frame(exc.frame())
+        except Exception:  # noqa: BLE001 - one bad frame must not take the socket down
+            logger.exception("failed to handle a frame from user %s", self.user.pk)
+            await self.send_frame(protocol.error("internal_error", "The server failed to handle that; try again."))
+
+    async def send_frame(self, frame: dict[str, Any]) -> None:
+        await self.send(text_data=json.dumps(frame))
+
+    # --- subscription -----------------------------------------------------------------
+
+    async def _subscribe(self, conversation_id: int) -> None:
+        if self.conversation_id == conversation_id:
+            return
+        await self._unsubscribe()
+        self.conversation_id = conversation_id
+        await self.channel_layer.group_add(group_name(conversation_id), self.channel_name)
+
+    async def _unsubscribe(self) -> None:
+        if self.conversation_id is not None:
+            await self.channel_layer.group_discard(group_name(self.conversation_id), self.channel_name)
+            self.conversation_id = None
+            self.syncing.clear()
+            self.awaiting.clear()
+
+    async def _with_snapshot(self, reply: Message, then: Callable[[str, Message | None], Awaitable[None]]) -> None:
+        """Get the text so far of a streaming reply from the process generating it, then call ``then``.
+
+        The answer comes back as a `chat.snapshot` event (this handler must not
+        wait for it: the consumer handles one event at a time). Chunks that
+        reach this socket meanwhile are held in ``syncing`` and released by
+        offset afterwards, so the client sees no gap and no repeat.
+        """
+        message_id = str(reply.pk)
+        self.syncing[message_id] = []
+        self.awaiting[message_id] = then
+        if reply.control_channel:
+            await self.channel_layer.send(
+                reply.control_channel,
+                {"type": "reply.snapshot", "reply_id": reply.pk, "reply_channel": self.channel_name},
+            )
+        task = asyncio.create_task(self._snapshot_deadline(message_id))
+        self.deadlines.add(task)
+        task.add_done_callback(self.deadlines.discard)
+
+    async def _snapshot_deadline(self, message_id: str) -> None:
+        await asyncio.sleep(SNAPSHOT_TIMEOUT)
+        await self.channel_layer.send(
+            self.channel_name, {"type": "chat.snapshot", "message_id": message_id, "content": None}
+        )
+
+    async def chat_snapshot(self, event: dict[str, Any]) -> None:
+        message_id = event["message_id"]
+        then = self.awaiting.pop(message_id, None)
+        if then is None:
+            return  # answered already, or the socket moved on
+        text, final = event["content"], None
+        if text is None:
+            # No answer: the generation ended meanwhile, or its process died. The database knows.
+            row = await database_sync_to_async(Message.objects.get)(pk=int(message_id))
+            text, final = row.content, (row if row.status != Message.Status.STREAMING else None)
+        await then(text, final)
+        await self._release(message_id, len(text))
+
+    async def _release(self, message_id: str, known: int) -> None:
+        """Forward what arrived while syncing, minus the ``known`` characters the client has."""
+        for frame in self.syncing.pop(message_id, []):
+            if frame["type"] == "chunk":
+                end = frame["offset"] + len(frame["delta"])
+                if end <= known:
+                    continue
+                if frame["offset"] < known:
+                    frame = protocol.chunk(int(message_id), known, frame["delta"][known - frame["offset"] :])
+            await self.send_frame(frame)
+
+    # --- client frames ------------------------------------------------------------------
+
+    async def open(self, frame: protocol.Open) -> None:
+        conversation = await database_sync_to_async(services.get_conversation)(self.user, frame.conversation_id)
+        await self._subscribe(conversation.pk)
+        rows = await database_sync_to_async(services.conversation_messages)(conversation)
+        payloads = [protocol.message(row) for row in rows]
+
+        async def send_history(text: str = "", final: Message | None = None, index: int = -1) -> None:
+            if index >= 0:
+                payloads[index] = protocol.message(final) if final else {**payloads[index], "content": text}
+            await self.send_frame(protocol.history(conversation.pk, conversation.title, payloads))
+
+        # At most one reply streams per conversation (a database constraint).
+        streaming = [i for i, row in enumerate(rows) if row.status == Message.Status.STREAMING]
+        if not streaming:
+            await send_history()
+            return
+        index = streaming[0]
+        await self._with_snapshot(rows[index], lambda text, final: send_history(text, final, index))
+
+    async def _model_name(self) -> str:
+        try:
+            return get_provider().model_name
+        except ProviderError:
+            return ""
+
+    async def send_message(self, frame: protocol.Send) -> None:
+        control = await ControlDispatcher.address(self.channel_layer)
+        turn = await database_sync_to_async(services.begin_turn)(
+            self.user, frame.conversation_id, frame.client_id, frame.content, await self._model_name(), control
+        )
+        await self._subscribe(turn.conversation.pk)
+        ack = protocol.ack(frame.client_id, turn.conversation.pk, turn.user_message.pk, turn.reply.pk)
+        if turn.replayed:
+            await self.send_frame(ack)
+            await self._resume(turn.reply)
+            return
+        await self.send_frame(ack)
+        stream_frames = [protocol.message(turn.user_message), protocol.message(turn.reply)]
+        for payload in stream_frames:
+            await self.channel_layer.group_send(
+                group_name(turn.conversation.pk),
+                {"type": "chat.frame", "frame": {"type": "message", "message": payload}, "exclude": self.channel_name},
+            )
+        generation.start(self.channel_layer, turn, frame.content)
+
+    async def _resume(self, reply: Message) -> None:
+        """After a replayed send: the reply again from offset 0, then the rest as it streams."""
+
+        async def send_text(text: str, final: Message | None) -> None:
+            await self.send_frame(protocol.chunk(reply.pk, 0, text))
+            if final is not None:
+                await self.send_frame(protocol.done_for(final))
+
+        reply = await database_sync_to_async(Message.objects.get)(pk=reply.pk)
+        if reply.status == Message.Status.STREAMING:
+            await self._with_snapshot(reply, send_text)
+        else:
+            await send_text(reply.content, reply)
+
+    async def stop(self, frame: protocol.Stop) -> None:
+        reply = await database_sync_to_async(services.request_stop)(self.user, frame.message_id)
+        if reply is not None and reply.control_channel:
+            # The generation's own address reaches it in whichever process runs it.
+            await self.channel_layer.send(reply.control_channel, {"type": "reply.stop", "reply_id": reply.pk})
+
+    async def regenerate(self, frame: protocol.Regenerate) -> None:
+        control = await ControlDispatcher.address(self.channel_layer)
+        turn = await database_sync_to_async(services.begin_regenerate)(
+            self.user, frame.message_id, await self._model_name(), control
+        )
+        await self._subscribe(turn.conversation.pk)
+        # Every socket on the conversation, this one included, learns the new reply's id.
+        await self.channel_layer.group_send(
+            group_name(turn.conversation.pk),
+            {"type": "chat.frame", "frame": {"type": "message", "message": protocol.message(turn.reply)}},
+        )
+        generation.start(self.channel_layer, turn, turn.user_message.content)
+
+    # --- channel-layer events -----------------------------------------------------------------
+
+    async def chat_frame(self, event: dict[str, Any]) -> None:
+        if event.get("exclude") == self.channel_name:
+            return
+        frame = event["frame"]
+        held = self.syncing.get(frame.get("message_id", ""))
+        if held is not None:
+            held.append(frame)
+        else:
+            await self.send_frame(frame)

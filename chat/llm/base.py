@@ -1,0 +1,52 @@
+"""The one streaming interface every LLM provider implements.
+
+``Provider.stream(messages)`` is an async iterator of events: ``str`` text
+deltas, then at most one ``Usage``; ``Status`` events may come before the
+first delta (queued, warming up). Failures raise ``ProviderError`` with a
+protocol error code; text already yielded stays the caller's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+ChatMessages = list[dict[str, str]]
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int | None
+    completion_tokens: int | None
+
+
+@dataclass(frozen=True)
+class Status:
+    """Progress before the first token: ``state`` is "queued" (with ``position``) or "warming_up"."""
+
+    state: str
+    detail: dict[str, Any]
+
+
+class ProviderError(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class Provider(Protocol):
+    #: The model name recorded on each reply.
+    model_name: str
+    #: The context window in tokens (prompt + answer).
+    context_tokens: int
+    #: Tokens kept free for the answer.
+    max_tokens: int
+    system_prompt: str
+
+    def stream(self, messages: ChatMessages) -> AsyncIterator[str | Usage | Status]: ...
+
+    def count_tokens(self, messages: ChatMessages) -> int:
+        """Tokens the prompt made of ``messages`` takes, as the model counts them."""
+        ...

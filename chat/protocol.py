@@ -1,0 +1,193 @@
+"""The WebSocket protocol, v1 (docs/protocol.md): parsing client frames and building server frames.
+
+Everything that crosses the socket is built here, so the consumer, the
+generation and the tests agree on one shape.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from django.conf import settings
+
+# Error codes (docs/protocol.md).
+BAD_REQUEST = "bad_request"
+TOO_LARGE = "too_large"
+RATE_LIMITED = "rate_limited"
+NOT_FOUND = "not_found"
+BUSY = "busy"
+PROVIDER_ERROR = "provider_error"
+CONTEXT_TOO_LONG = "context_too_long"
+NOT_CONFIGURED = "not_configured"
+
+# Close codes.
+CLOSE_TOO_BIG = 1009
+CLOSE_UNAUTHENTICATED = 4401
+
+
+class ProtocolError(Exception):
+    """A client frame that gets an `error` frame back; the socket stays open."""
+
+    def __init__(self, code: str, message: str, client_id: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.client_id = client_id
+
+    def frame(self) -> dict[str, Any]:
+        return error(self.code, self.message, self.client_id)
+
+
+@dataclass(frozen=True)
+class Open:
+    conversation_id: str
+
+
+@dataclass(frozen=True)
+class Send:
+    conversation_id: str | None
+    client_id: str
+    content: str
+
+
+@dataclass(frozen=True)
+class Stop:
+    message_id: str
+
+
+@dataclass(frozen=True)
+class Regenerate:
+    message_id: str
+
+
+ClientFrame = Open | Send | Stop | Regenerate
+
+
+def _id(frame: dict[str, Any], field: str, *, nullable: bool = False) -> str | None:
+    value = frame.get(field)
+    if value is None and nullable and field in frame:
+        return None
+    if not isinstance(value, str) or not value:
+        kind = "a string id or null" if nullable else "a string id"
+        raise ProtocolError(BAD_REQUEST, f"`{field}` must be {kind}.", _client_id(frame))
+    return value
+
+
+def _client_id(frame: dict[str, Any]) -> str | None:
+    value = frame.get("client_id")
+    return value if isinstance(value, str) else None
+
+
+def parse(text: str | None, data: bytes | None) -> ClientFrame:
+    """Parse and validate one client frame, or raise ProtocolError."""
+    if text is None:
+        raise ProtocolError(BAD_REQUEST, "Frames must be JSON text, not binary.")
+    if len(text.encode()) > settings.CHAT_MAX_FRAME_BYTES:
+        raise ProtocolError(TOO_LARGE, f"Frame larger than {settings.CHAT_MAX_FRAME_BYTES} bytes.")
+    try:
+        frame = json.loads(text)
+    except ValueError:
+        raise ProtocolError(BAD_REQUEST, "Frame is not valid JSON.") from None
+    if not isinstance(frame, dict):
+        raise ProtocolError(BAD_REQUEST, "Frame must be a JSON object.")
+    kind = frame.get("type")
+    if kind == "open":
+        return Open(_id(frame, "conversation_id"))
+    if kind == "send":
+        client_id = frame.get("client_id")
+        try:
+            client_id = str(uuid.UUID(client_id))
+        except (TypeError, ValueError, AttributeError):
+            raise ProtocolError(BAD_REQUEST, "`client_id` must be a UUID string.") from None
+        content = frame.get("content")
+        if not isinstance(content, str) or not content.strip():
+            raise ProtocolError(BAD_REQUEST, "`content` must be a non-empty string.", client_id)
+        if len(content) > settings.CHAT_MAX_MESSAGE_CHARS:
+            raise ProtocolError(
+                TOO_LARGE, f"Message longer than {settings.CHAT_MAX_MESSAGE_CHARS} characters.", client_id
+            )
+        return Send(_id(frame, "conversation_id", nullable=True), client_id, content)
+    if kind == "stop":
+        return Stop(_id(frame, "message_id"))
+    if kind == "regenerate":
+        return Regenerate(_id(frame, "message_id"))
+    if not isinstance(kind, str):
+        raise ProtocolError(BAD_REQUEST, "Frame needs a string `type`.", _client_id(frame))
+    raise ProtocolError(BAD_REQUEST, f"Unknown frame type {kind!r}.", _client_id(frame))
+
+
+# --- Server -> client frames ----------------------------------------------------------
+
+
+def error(code: str, message: str, client_id: str | None = None) -> dict[str, Any]:
+    frame: dict[str, Any] = {"type": "error", "code": code, "message": message}
+    if client_id is not None:
+        frame["client_id"] = client_id
+    return frame
+
+
+def ack(client_id: str, conversation_id: int, user_message_id: int, assistant_message_id: int) -> dict[str, Any]:
+    return {
+        "type": "ack",
+        "client_id": client_id,
+        "conversation_id": str(conversation_id),
+        "user_message_id": str(user_message_id),
+        "assistant_message_id": str(assistant_message_id),
+    }
+
+
+def chunk(message_id: int, offset: int, delta: str) -> dict[str, Any]:
+    return {"type": "chunk", "message_id": str(message_id), "offset": offset, "delta": delta}
+
+
+def sources(message_id: int, items: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"type": "sources", "message_id": str(message_id), "sources": items}
+
+
+def status(message_id: int, state: str, **detail: Any) -> dict[str, Any]:
+    """Progress before the first chunk (queued, warming up): an addition to v1."""
+    return {"type": "status", "message_id": str(message_id), "state": state, **detail}
+
+
+def done(
+    message_id: int,
+    status: str,
+    prompt_tokens: int | None,
+    completion_tokens: int | None,
+    error_code: str = "",
+    error_message: str = "",
+) -> dict[str, Any]:
+    return {
+        "type": "done",
+        "message_id": str(message_id),
+        "status": status,
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens},
+        "error": {"code": error_code, "message": error_message} if error_code else None,
+    }
+
+
+def done_for(msg: Any) -> dict[str, Any]:
+    """The `done` frame of a finished Message row."""
+    return done(msg.pk, msg.status, msg.prompt_tokens, msg.completion_tokens, msg.error_code, msg.error_message)
+
+
+def message(msg: Any) -> dict[str, Any]:
+    """A Message row as the protocol shows it (in `history` and `message` frames)."""
+    return {
+        "id": str(msg.pk),
+        "role": msg.role,
+        "content": msg.content,
+        "status": msg.status,
+        "created_at": msg.created_at.isoformat().replace("+00:00", "Z"),
+        "sources": msg.sources or [],
+        "reply_to": str(msg.reply_to_id) if msg.reply_to_id else None,
+        "model": msg.model,
+        "error": {"code": msg.error_code, "message": msg.error_message} if msg.error_code else None,
+    }
+
+
+def history(conversation_id: int, title: str, messages: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"type": "history", "conversation_id": str(conversation_id), "title": title, "messages": messages}

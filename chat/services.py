@@ -1,0 +1,209 @@
+"""Database operations of a chat turn (synchronous; callers wrap them for async).
+
+Every lookup takes the user and filters by owner, so a conversation or message
+that is not yours is "not found", exactly like one that does not exist.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from chat import protocol
+from chat.models import Conversation, Message
+from chat.protocol import ProtocolError
+
+TITLE_CHARS = 80
+
+
+@dataclass
+class Turn:
+    conversation: Conversation
+    user_message: Message
+    reply: Message
+    #: True when the send repeated a known client_id: nothing new was created.
+    replayed: bool = False
+    created_conversation: bool = False
+
+
+def _pk(value: str) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ProtocolError(protocol.NOT_FOUND, "No such conversation or message.") from None
+
+
+def get_conversation(user, conversation_id: str) -> Conversation:
+    try:
+        return Conversation.objects.get(pk=_pk(conversation_id), owner=user)
+    except Conversation.DoesNotExist:
+        raise ProtocolError(protocol.NOT_FOUND, "No such conversation.") from None
+
+
+def get_message(user, message_id: str) -> Message:
+    try:
+        return Message.objects.select_related("conversation").get(pk=_pk(message_id), conversation__owner=user)
+    except Message.DoesNotExist:
+        raise ProtocolError(protocol.NOT_FOUND, "No such message.") from None
+
+
+def recover_stale(conversation_id: int | None = None) -> int:
+    """Mark replies left `streaming` by a dead process as `interrupted`.
+
+    Only rows not flushed for CHAT_STALE_SECONDS: a live process flushes every
+    CHAT_FLUSH_SECONDS, so its replies are never touched.
+    """
+    cutoff = timezone.now() - timedelta(seconds=settings.CHAT_STALE_SECONDS)
+    rows = Message.objects.filter(status=Message.Status.STREAMING, updated_at__lt=cutoff)
+    if conversation_id is not None:
+        rows = rows.filter(conversation_id=conversation_id)
+    return rows.update(
+        status=Message.Status.INTERRUPTED,
+        error_code="interrupted",
+        error_message="The server stopped while this reply was being written.",
+    )
+
+
+def conversation_messages(conversation: Conversation) -> list[Message]:
+    recover_stale(conversation.pk)
+    return list(conversation.messages.all())
+
+
+def _title(content: str) -> str:
+    line = " ".join(content.split())
+    return line if len(line) <= TITLE_CHARS else line[: TITLE_CHARS - 1] + "…"
+
+
+def _replay(user_message: Message) -> Turn:
+    reply = user_message.replies.order_by("-created_at", "-id").first()
+    return Turn(user_message.conversation, user_message, reply, replayed=True)
+
+
+def _new_reply(conversation: Conversation, user_message: Message, model_name: str, control_channel: str) -> Message:
+    # The partial unique index allows one `streaming` reply per conversation:
+    # the database, not this process, decides who is busy.
+    try:
+        with transaction.atomic():
+            return Message.objects.create(
+                conversation=conversation,
+                role=Message.Role.ASSISTANT,
+                status=Message.Status.STREAMING,
+                reply_to=user_message,
+                model=model_name,
+                control_channel=control_channel,
+            )
+    except IntegrityError:
+        raise ProtocolError(protocol.BUSY, "A reply is still being written in this conversation.") from None
+
+
+def begin_turn(
+    user, conversation_id: str | None, client_id: str, content: str, model_name: str, control_channel: str
+) -> Turn:
+    """Save the user's message and an empty `streaming` reply, or find the earlier send with this client_id."""
+    with transaction.atomic():
+        known = (
+            Message.objects.select_related("conversation").filter(client_id=client_id, conversation__owner=user).first()
+        )
+        if known and (conversation_id is None or str(known.conversation_id) == conversation_id):
+            return _replay(known)
+        created = conversation_id is None
+        if created:
+            conversation = Conversation.objects.create(owner=user, title=_title(content))
+        else:
+            conversation = get_conversation(user, conversation_id)
+            # Serialise sends to one conversation.
+            Conversation.objects.select_for_update().filter(pk=conversation.pk).first()
+            recover_stale(conversation.pk)
+            if conversation.messages.filter(status=Message.Status.STREAMING).exists():
+                raise ProtocolError(protocol.BUSY, "A reply is still being written in this conversation.", client_id)
+        user_message = Message.objects.create(
+            conversation=conversation, role=Message.Role.USER, content=content, client_id=client_id
+        )
+        reply = _new_reply(conversation, user_message, model_name, control_channel)
+        conversation.save(update_fields=["updated_at"])
+    return Turn(conversation, user_message, reply, created_conversation=created)
+
+
+def begin_regenerate(user, message_id: str, model_name: str, control_channel: str) -> Turn:
+    """A new `streaming` reply to the user message that ``message_id`` is, or answers."""
+    with transaction.atomic():
+        target = get_message(user, message_id)
+        user_message = target if target.role == Message.Role.USER else target.reply_to
+        if user_message is None:
+            raise ProtocolError(protocol.BAD_REQUEST, "This message has nothing to regenerate.")
+        conversation = target.conversation
+        Conversation.objects.select_for_update().filter(pk=conversation.pk).first()
+        recover_stale(conversation.pk)
+        reply = _new_reply(conversation, user_message, model_name, control_channel)
+        conversation.save(update_fields=["updated_at"])
+    return Turn(conversation, user_message, reply)
+
+
+def request_stop(user, message_id: str) -> Message | None:
+    """Flag a streaming reply to stop; None if it already finished (then `stop` is ignored)."""
+    message = get_message(user, message_id)
+    if message.role != Message.Role.ASSISTANT:
+        raise ProtocolError(protocol.NOT_FOUND, "No such reply.")
+    flagged = Message.objects.filter(pk=message.pk, status=Message.Status.STREAMING).update(stop_requested=True)
+    return message if flagged else None
+
+
+def prompt_history(conversation_id: int, user_message_id: int) -> list[dict[str, str]]:
+    """The turns before ``user_message_id``, oldest first, as chat messages.
+
+    Of several replies to one user message (regenerated) only the newest with text counts.
+    """
+    rows = Message.objects.filter(conversation_id=conversation_id, id__lt=user_message_id).order_by("id")
+    latest_reply: dict[int, Message] = {}
+    users: list[Message] = []
+    for row in rows:
+        if row.role == Message.Role.USER:
+            users.append(row)
+        elif row.content and row.reply_to_id:
+            latest_reply[row.reply_to_id] = row
+    turns: list[dict[str, str]] = []
+    for user_row in users:
+        turns.append({"role": "user", "content": user_row.content})
+        if user_row.pk in latest_reply:
+            turns.append({"role": "assistant", "content": latest_reply[user_row.pk].content})
+    return turns
+
+
+def flush_reply(reply_id: int, content: str) -> bool:
+    """Save the text so far; False when a stop was requested (through the database)."""
+    updated = Message.objects.filter(pk=reply_id, stop_requested=False).update(
+        content=content, updated_at=timezone.now()
+    )
+    return bool(updated)
+
+
+def finish_reply(
+    reply_id: int,
+    *,
+    status: str,
+    content: str,
+    prompt_tokens: int | None,
+    completion_tokens: int | None,
+    first_token_ms: int | None,
+    latency_ms: int,
+    error_code: str = "",
+    error_message: str = "",
+    sources: list | None = None,
+) -> None:
+    Message.objects.filter(pk=reply_id).update(
+        status=status,
+        content=content,
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        first_token_ms=first_token_ms,
+        latency_ms=latency_ms,
+        error_code=error_code,
+        error_message=error_message,
+        sources=sources or [],
+        control_channel="",
+        updated_at=timezone.now(),
+    )

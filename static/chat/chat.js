@@ -1,0 +1,220 @@
+// Chat client for protocol v1 (docs/protocol.md). No build step.
+(() => {
+  "use strict";
+  const app = document.getElementById("app");
+  const list = document.getElementById("messages");
+  const input = document.getElementById("input");
+  const sendButton = document.getElementById("send");
+  const stopButton = document.getElementById("stop");
+  const connection = document.getElementById("connection");
+  const welcome = document.getElementById("welcome");
+  const maxChars = parseInt(app.dataset.maxChars || "16000", 10);
+
+  let conversationId = app.dataset.conversationId || null;
+  let socket = null;
+  let retry = 0;
+  const messages = new Map(); // id -> {role, text, status, el}
+  const pending = new Map(); // client_id -> {content, el}: sent, not yet acknowledged
+  let streamingId = null;
+
+  // offsets count code points, not UTF-16 units
+  const cpLength = (s) => [...s].length;
+  const uuid = () =>
+    crypto.randomUUID ? crypto.randomUUID() :
+      "10000000-1000-4000-8000-100000000000".replace(/[018]/g, (c) =>
+        (c ^ (crypto.getRandomValues(new Uint8Array(1))[0] & (15 >> (c / 4)))).toString(16));
+
+  function connect() {
+    const scheme = location.protocol === "https:" ? "wss" : "ws";
+    socket = new WebSocket(`${scheme}://${location.host}/ws/chat/`);
+    socket.onopen = () => {
+      retry = 0;
+      connection.hidden = true;
+      if (conversationId) send({type: "open", conversation_id: conversationId});
+      // Unacknowledged sends go again: the same client_id makes this safe.
+      for (const [clientId, p] of pending) {
+        send({type: "send", conversation_id: conversationId, client_id: clientId, content: p.content});
+      }
+    };
+    socket.onmessage = (event) => handle(JSON.parse(event.data));
+    socket.onclose = (event) => {
+      connection.hidden = false;
+      if (event.code === 4401) { location.href = "/accounts/login/?next=" + encodeURIComponent(location.pathname); return; }
+      setTimeout(connect, Math.min(10000, 500 * 2 ** retry++));
+    };
+  }
+
+  function send(frame) {
+    if (socket && socket.readyState === WebSocket.OPEN) socket.send(JSON.stringify(frame));
+  }
+
+  function bubble(role, text, status) {
+    welcome.hidden = true;
+    const el = document.createElement("div");
+    el.className = `message ${role}`;
+    const body = document.createElement("div");
+    body.className = "body";
+    body.textContent = text;
+    const meta = document.createElement("div");
+    meta.className = "meta";
+    el.append(body, meta);
+    list.append(el);
+    setStatus(el, status);
+    return el;
+  }
+
+  function setStatus(el, status, detail) {
+    el.dataset.status = status;
+    const meta = el.querySelector(".meta");
+    const labels = {streaming: "", complete: "", stopped: "Stopped", error: "Error", interrupted: "Interrupted", sending: "Sending…"};
+    meta.textContent = detail || labels[status] || "";
+  }
+
+  function addMessage(m) {
+    let entry = messages.get(m.id);
+    if (!entry) {
+      entry = {role: m.role, text: "", status: m.status, el: bubble(m.role, "", m.status)};
+      messages.set(m.id, entry);
+    }
+    entry.text = m.content;
+    entry.status = m.status;
+    entry.el.querySelector(".body").textContent = m.content;
+    setStatus(entry.el, m.status, m.error ? m.error.message : "");
+    if (m.status === "streaming") setStreaming(m.id);
+    return entry;
+  }
+
+  function setStreaming(id) {
+    streamingId = id;
+    stopButton.hidden = !id;
+    sendButton.hidden = !!id;
+  }
+
+  function scrollDown() {
+    const nearBottom = list.scrollHeight - list.scrollTop - list.clientHeight < 120;
+    if (nearBottom) list.scrollTop = list.scrollHeight;
+  }
+
+  function handle(frame) {
+    switch (frame.type) {
+      case "history": {
+        if (frame.conversation_id !== conversationId) return;
+        messages.clear();
+        list.querySelectorAll(".message").forEach((el) => el.remove());
+        setStreaming(null);
+        frame.messages.forEach(addMessage);
+        for (const p of pending.values()) list.append(p.el); // still unacknowledged: keep at the end
+        welcome.hidden = frame.messages.length > 0 || pending.size > 0;
+        list.scrollTop = list.scrollHeight;
+        break;
+      }
+      case "ack": {
+        const p = pending.get(frame.client_id);
+        if (!conversationId) {
+          conversationId = frame.conversation_id;
+          history.pushState({}, "", `/c/${conversationId}/`);
+          addToSidebar(conversationId, p ? p.content : "New chat");
+        }
+        if (p) {
+          pending.delete(frame.client_id);
+          messages.set(frame.user_message_id, {role: "user", text: p.content, status: "complete", el: p.el});
+          setStatus(p.el, "complete");
+        }
+        if (!messages.has(frame.assistant_message_id)) {
+          addMessage({id: frame.assistant_message_id, role: "assistant", content: "", status: "streaming"});
+        }
+        scrollDown();
+        break;
+      }
+      case "message":
+        addMessage(frame.message);
+        scrollDown();
+        break;
+      case "status": {
+        const entry = messages.get(frame.message_id);
+        if (!entry) return;
+        const text = frame.state === "queued" ? `Waiting for the model (position ${frame.position})…` :
+          frame.state === "warming_up" ? "The model is warming up…" : "";
+        setStatus(entry.el, "streaming", text);
+        break;
+      }
+      case "chunk": {
+        let entry = messages.get(frame.message_id) ||
+          addMessage({id: frame.message_id, role: "assistant", content: "", status: "streaming"});
+        const have = cpLength(entry.text);
+        if (frame.offset > have) { // a gap: re-sync from the server
+          send({type: "open", conversation_id: conversationId});
+          return;
+        }
+        const delta = [...frame.delta].slice(have - frame.offset).join(""); // drop any repeated part
+        entry.text += delta;
+        entry.el.querySelector(".body").textContent = entry.text;
+        setStatus(entry.el, "streaming");
+        setStreaming(frame.message_id);
+        scrollDown();
+        break;
+      }
+      case "done": {
+        const entry = messages.get(frame.message_id);
+        if (entry) {
+          entry.status = frame.status;
+          setStatus(entry.el, frame.status, frame.error ? frame.error.message : "");
+        }
+        if (streamingId === frame.message_id) setStreaming(null);
+        break;
+      }
+      case "error": {
+        const p = frame.client_id && pending.get(frame.client_id);
+        if (p) {
+          pending.delete(frame.client_id);
+          setStatus(p.el, "error", frame.message);
+          input.value = p.content;
+        } else {
+          toast(frame.message);
+        }
+        break;
+      }
+    }
+  }
+
+  function addToSidebar(id, title) {
+    const nav = document.getElementById("conversation-list");
+    document.getElementById("no-conversations")?.remove();
+    nav.querySelectorAll("a.active").forEach((a) => a.classList.remove("active"));
+    const a = document.createElement("a");
+    a.href = `/c/${id}/`;
+    a.dataset.id = id;
+    a.className = "active";
+    a.textContent = title.slice(0, 80);
+    nav.prepend(a);
+  }
+
+  function toast(text) {
+    const el = document.createElement("div");
+    el.className = "toast";
+    el.textContent = text;
+    document.body.append(el);
+    setTimeout(() => el.remove(), 5000);
+  }
+
+  document.getElementById("composer").addEventListener("submit", (event) => {
+    event.preventDefault();
+    const content = input.value;
+    if (!content.trim() || streamingId) return;
+    if (content.length > maxChars) { toast(`Messages can be at most ${maxChars} characters.`); return; }
+    const clientId = uuid();
+    pending.set(clientId, {content, el: bubble("user", content, "sending")});
+    input.value = "";
+    scrollDown();
+    send({type: "send", conversation_id: conversationId, client_id: clientId, content});
+  });
+  input.addEventListener("keydown", (event) => {
+    if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+      event.preventDefault();
+      document.getElementById("composer").requestSubmit();
+    }
+  });
+  stopButton.addEventListener("click", () => streamingId && send({type: "stop", message_id: streamingId}));
+
+  connect();
+})();

@@ -1,0 +1,145 @@
+"""Bad frames get a clear error and the socket stays usable; provider failures end cleanly."""
+
+import uuid
+
+import pytest
+from django.test import override_settings
+
+from chat.models import Message
+from tests.conftest import Client, reply_text
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+BAD_FRAMES = [
+    ("not json {", "bad_request"),
+    ("[1, 2]", "bad_request"),
+    ('{"no": "type"}', "bad_request"),
+    ('{"type": "dance"}', "bad_request"),
+    ('{"type": "open", "conversation_id": 5}', "bad_request"),
+    ('{"type": "send", "conversation_id": null, "client_id": "not-a-uuid", "content": "x"}', "bad_request"),
+    ('{"type": "send", "conversation_id": null, "client_id": "%s", "content": 42}' % uuid.uuid4(), "bad_request"),
+    ('{"type": "send", "conversation_id": null, "client_id": "%s", "content": "  "}' % uuid.uuid4(), "bad_request"),
+    ('{"type": "stop", "message_id": ["1"]}', "bad_request"),
+    ('{"type": "open", "conversation_id": "abc"}', "not_found"),
+    ('{"type": "stop", "message_id": "424242"}', "not_found"),
+]
+
+
+@pytest.mark.parametrize("text,code", BAD_FRAMES)
+async def test_bad_frame_gets_error_and_socket_stays_usable(alice, text, code):
+    async with Client(alice) as client:
+        await client.send_raw(text)
+        answer = await client.recv()
+        assert answer["type"] == "error" and answer["code"] == code
+        assert answer["message"]
+        ack = await client.say("still here?")
+        assert ack["type"] == "ack"
+        frames = await client.recv_until("done")
+        assert reply_text(frames, ack["assistant_message_id"]) == "You said: still here?"
+
+
+async def test_oversized_frame_and_message(alice, settings):
+    settings.CHAT_MAX_MESSAGE_CHARS = 100
+    async with Client(alice) as client:
+        await client.send_raw('{"type": "send", "pad": "%s"}' % ("x" * 70_000))
+        assert (await client.recv())["code"] == "too_large"
+        client_id = str(uuid.uuid4())
+        answer = await client.say("y" * 101, client_id=client_id)
+        assert answer == {**answer, "type": "error", "code": "too_large", "client_id": client_id}
+        assert (await client.say("fits"))["type"] == "ack"
+        await client.recv_until("done")
+    assert await Message.objects.filter(content__startswith="yyy").acount() == 0
+
+
+async def test_frame_beyond_hard_cap_closes_with_1009(alice, settings):
+    settings.CHAT_HARD_FRAME_BYTES = 200_000
+    async with Client(alice) as client:
+        await client.send_raw("x" * 200_001)
+        closed = await client.communicator.receive_output(timeout=5)
+        assert closed == {"type": "websocket.close", "code": 1009}
+
+
+async def test_provider_failure_mid_stream_keeps_partial_text(alice):
+    async with Client(alice) as client:
+        ack = await client.say("[tokens=20][fail_after=5]")
+        frames = await client.recv_until("done")
+    done = frames[-1]
+    assert done["status"] == "error"
+    assert done["error"]["code"] == "provider_error"
+    assert "broke off" in done["error"]["message"]
+    assert done["usage"]["completion_tokens"] == 5
+    text = reply_text(frames, ack["assistant_message_id"])
+    assert text == "t0 t1 t2 t3 t4 "
+    reply = await Message.objects.aget(pk=ack["assistant_message_id"])
+    assert (reply.status, reply.content, reply.error_code) == ("error", text, "provider_error")
+
+
+async def test_provider_http_error_is_a_clear_error(alice):
+    async with Client(alice) as client:
+        ack = await client.say("[status=500]")
+        frames = await client.recv_until("done")
+    done = frames[-1]
+    assert done["status"] == "error" and done["error"]["code"] == "provider_error"
+    assert "500" in done["error"]["message"]
+    assert not [f for f in frames if f["type"] == "chunk"]
+    reply = await Message.objects.aget(pk=ack["assistant_message_id"])
+    assert (reply.status, reply.content) == ("error", "")
+
+
+async def test_provider_down_is_a_clear_error_and_nothing_half_written(alice, settings):
+    settings.OPENAI_BASE_URL = "http://127.0.0.1:9/v1"  # nothing listens on the discard port
+    async with Client(alice) as client:
+        ack = await client.say("anyone there?")
+        frames = await client.recv_until("done")
+        done = frames[-1]
+        assert done["status"] == "error" and done["error"]["code"] == "provider_error"
+        assert "Could not reach the model endpoint http://127.0.0.1:9/v1" in done["error"]["message"]
+        # The conversation is consistent and usable: nothing is left streaming.
+        assert await Message.objects.filter(status="streaming").acount() == 0
+        await client.send({"type": "open", "conversation_id": ack["conversation_id"]})
+        history = (await client.recv())["messages"]
+        assert [(m["role"], m["status"], m["content"]) for m in history] == [
+            ("user", "complete", "anyone there?"),
+            ("assistant", "error", ""),
+        ]
+        assert history[1]["error"]["code"] == "provider_error"
+
+
+async def test_refused_api_key_is_reported(alice, settings):
+    settings.OPENAI_API_KEY = "wrong-key"
+    async with Client(alice) as client:
+        await client.say("hello")
+        done = (await client.recv_until("done"))[-1]
+    assert done["error"]["code"] == "provider_error"
+    assert "refused the API key" in done["error"]["message"]
+
+
+@override_settings(LLM_PROVIDER="nonsense")
+async def test_no_provider_configured_says_how_to_configure(alice):
+    async with Client(alice) as client:
+        await client.say("hello")
+        done = (await client.recv_until("done"))[-1]
+    assert done["status"] == "error" and done["error"]["code"] == "not_configured"
+    assert "OPENAI_BASE_URL" in done["error"]["message"]
+
+
+async def test_stale_streaming_reply_is_marked_interrupted(alice, settings):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from chat.models import Conversation
+
+    conversation = await Conversation.objects.acreate(owner=alice, title="t")
+    question = await Message.objects.acreate(conversation=conversation, role="user", content="q")
+    await Message.objects.acreate(
+        conversation=conversation, role="assistant", status="streaming", content="half", reply_to=question
+    )
+    await Message.objects.filter(status="streaming").aupdate(updated_at=timezone.now() - timedelta(minutes=5))
+    async with Client(alice) as client:
+        await client.send({"type": "open", "conversation_id": str(conversation.pk)})
+        history = (await client.recv())["messages"]
+        assert history[1]["status"] == "interrupted" and history[1]["content"] == "half"
+        # And the conversation is not stuck "busy".
+        assert (await client.say("again", str(conversation.pk)))["type"] == "ack"
+        await client.recv_until("done")
