@@ -38,6 +38,11 @@ class ChatConsumer(AsyncWebsocketConsumer):
         self.awaiting: dict[str, Callable[[str, Message | None], Awaitable[None]]] = {}
         self.deadlines: set[asyncio.Task] = set()
         await self.accept()
+        try:
+            # Someone is about to chat: load the model / build the client now, not on their first message.
+            get_provider().warm_up()
+        except ProviderError:
+            pass  # reported on the first message, where the user sees it
 
     async def disconnect(self, code: int) -> None:
         # Leaving the group does not touch any running generation: it finishes and is saved.

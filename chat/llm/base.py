@@ -50,3 +50,7 @@ class Provider(Protocol):
     def count_tokens(self, messages: ChatMessages) -> int:
         """Tokens the prompt made of ``messages`` takes, as the model counts them."""
         ...
+
+    def warm_up(self) -> None:
+        """Get ready in the background (load a model, open connections); must not block."""
+        ...

@@ -27,6 +27,9 @@ class OpenAICompatibleProvider:
             max_retries=settings.LLM_MAX_RETRIES,
         )
 
+    def warm_up(self) -> None:
+        pass  # the client was built in __init__; connections open on first use
+
     def count_tokens(self, messages: ChatMessages) -> int:
         # The remote model's tokenizer is unknown here; ~3 characters per token
         # over-counts English a little, which errs on the side of fitting.
