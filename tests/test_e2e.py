@@ -1,0 +1,194 @@
+"""End to end: two real daphne processes, the real Redis channel layer, a real WebSocket client.
+
+The stack here is a second embedded PostgreSQL and Valkey started by the
+test and handed to the servers as DATABASE_URL / REDIS_URL, so the
+"external servers" configuration is exercised too.
+"""
+
+import asyncio
+import http.cookiejar
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+import websockets
+from websockets.asyncio.client import connect
+
+from chatsite import embedded
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parent.parent
+PASSWORD = "e2e-pass-4821"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_http(url: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory, llm_server):
+    var = tmp_path_factory.mktemp("stack")
+    db = embedded.postgres(var)
+    env = {
+        **os.environ,
+        "DATABASE_URL": f"postgres://postgres@{urllib.parse.quote(db['HOST'], safe='')}/postgres",
+        "REDIS_URL": embedded.valkey(var),
+        "CHATSITE_VAR_DIR": str(var),
+        "OPENAI_BASE_URL": llm_server.base_url,
+        "OPENAI_API_KEY": "test-key",
+        "LLM_MODEL": "test-model",
+        "ALLOWED_HOSTS": "127.0.0.1",
+        "DJANGO_SETTINGS_MODULE": "chatsite.settings",
+    }
+    env.pop("LLM_PROVIDER", None)
+    manage = [sys.executable, "manage.py"]
+    subprocess.run([*manage, "migrate", "--noinput"], env=env, cwd=ROOT, check=True, capture_output=True)
+    subprocess.run(
+        [
+            *manage,
+            "shell",
+            "-c",
+            f"from django.contrib.auth.models import User; User.objects.create_user('erin', password='{PASSWORD}')",
+        ],
+        env=env,
+        cwd=ROOT,
+        check=True,
+    )
+    ports = [free_port(), free_port()]
+    servers = [
+        subprocess.Popen(
+            [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "chatsite.asgi:application"],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=open(var / f"daphne-{port}.log", "w"),
+        )
+        for port in ports
+    ]
+    try:
+        for port in ports:
+            wait_for_http(f"http://127.0.0.1:{port}/accounts/login/")
+        yield ports
+    finally:
+        for server in servers:
+            server.terminate()
+            server.wait(10)
+        embedded.stop_valkey(var)
+        embedded.stop_postgres(var)
+
+
+def login(port: int) -> str:
+    """Log in through the HTML form, as a browser does; return the Cookie header."""
+    jar = http.cookiejar.CookieJar()
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+    page = opener.open(f"http://127.0.0.1:{port}/accounts/login/").read().decode()
+    token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page).group(1)
+    form = urllib.parse.urlencode({"username": "erin", "password": PASSWORD, "csrfmiddlewaretoken": token}).encode()
+    response = opener.open(f"http://127.0.0.1:{port}/accounts/login/", form)
+    assert response.url.endswith("/"), "login did not redirect to the chat page"
+    assert "sessionid" in {c.name for c in jar}
+    return "; ".join(f"{c.name}={c.value}" for c in jar)
+
+
+async def frames_until(ws, kind: str, timeout: float = 20) -> list[dict]:
+    frames = []
+    while True:
+        frame = json.loads(await asyncio.wait_for(ws.recv(), timeout))
+        frames.append(frame)
+        if frame["type"] == kind:
+            return frames
+
+
+def test_two_processes_share_one_conversation(site):
+    port_a, port_b = site
+    cookie = login(port_a)
+
+    async def scenario() -> dict:
+        def ws(port: int):
+            return connect(
+                f"ws://127.0.0.1:{port}/ws/chat/",
+                additional_headers={"Cookie": cookie},
+                origin=f"http://127.0.0.1:{port}",
+            )
+
+        with pytest.raises(websockets.InvalidStatus):  # no session: refused at the handshake
+            async with connect(f"ws://127.0.0.1:{port_a}/ws/chat/", origin=f"http://127.0.0.1:{port_a}"):
+                pass
+
+        async with ws(port_a) as a, ws(port_b) as b:
+            started = time.monotonic()
+            await a.send(json.dumps({"type": "send", "conversation_id": None, "client_id": str(uuid.uuid4()),
+                                     "content": "[tokens=40][delay=0.03]"}))  # fmt: skip
+            ack = json.loads(await a.recv())
+            assert ack["type"] == "ack"
+            first = json.loads(await a.recv())
+            first_chunk_s = time.monotonic() - started
+            assert first["type"] == "chunk"
+
+            # Process B joins mid-stream: text so far from process A, then the rest, no gap, no repeat.
+            await b.send(json.dumps({"type": "open", "conversation_id": ack["conversation_id"]}))
+            b_frames = await frames_until(b, "done")
+            a_frames = [first, *await frames_until(a, "done")]
+            expected = "".join(f"t{i} " for i in range(40))
+            history = b_frames[0]
+            assert history["type"] == "history"
+            so_far = history["messages"][-1]["content"]
+            b_chunks = [f for f in b_frames if f["type"] == "chunk"]
+            assert history["messages"][-1]["status"] == "streaming" and b_chunks
+            assert b_chunks[0]["offset"] == len(so_far)
+            assert so_far + "".join(f["delta"] for f in b_chunks) == expected
+            assert "".join(f["delta"] for f in a_frames if f["type"] == "chunk") == expected
+            assert a_frames[-1] == b_frames[-1] and a_frames[-1]["status"] == "complete"
+
+            # Stop from process B a reply that process A is generating.
+            await a.send(json.dumps({"type": "send", "conversation_id": ack["conversation_id"],
+                                     "client_id": str(uuid.uuid4()), "content": "[tokens=300][delay=0.03]"}))  # fmt: skip
+            second = json.loads(await a.recv())
+            message = await frames_until(b, "message")
+            reply_id = second["assistant_message_id"]
+            await frames_until(b, "chunk")
+            await b.send(json.dumps({"type": "stop", "message_id": reply_id}))
+            a_done = (await frames_until(a, "done"))[-1]
+            b_done = (await frames_until(b, "done"))[-1]
+            assert a_done == b_done and a_done["status"] == "stopped", a_done
+            assert message[-1]["message"]["role"] in {"user", "assistant"}
+
+        # A fresh socket on process B sees the conversation as saved.
+        async with ws(port_b) as c:
+            await c.send(json.dumps({"type": "open", "conversation_id": ack["conversation_id"]}))
+            saved = json.loads(await c.recv())["messages"]
+        assert [(m["role"], m["status"]) for m in saved] == [
+            ("user", "complete"),
+            ("assistant", "complete"),
+            ("user", "complete"),
+            ("assistant", "stopped"),
+        ]
+        assert saved[1]["content"] == expected
+        return {"first_chunk_s": first_chunk_s}
+
+    result = asyncio.run(scenario())
+    print(f"\ntime to first chunk through daphne + Redis: {result['first_chunk_s'] * 1000:.0f} ms")
