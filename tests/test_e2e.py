@@ -139,10 +139,13 @@ def test_two_processes_share_one_conversation(site):
             async with connect(f"ws://127.0.0.1:{port_a}/ws/chat/", origin=f"http://127.0.0.1:{port_a}"):
                 pass
 
+        def send(conversation_id: str | None, content: str) -> str:
+            frame = {"type": "send", "conversation_id": conversation_id, "client_id": str(uuid.uuid4())}
+            return json.dumps({**frame, "content": content})
+
         async with ws(port_a) as a, ws(port_b) as b:
             started = time.monotonic()
-            await a.send(json.dumps({"type": "send", "conversation_id": None, "client_id": str(uuid.uuid4()),
-                                     "content": "[tokens=40][delay=0.03]"}))  # fmt: skip
+            await a.send(send(None, "[tokens=40][delay=0.03]"))
             ack = json.loads(await a.recv())
             assert ack["type"] == "ack"
             first = json.loads(await a.recv())
@@ -165,8 +168,7 @@ def test_two_processes_share_one_conversation(site):
             assert a_frames[-1] == b_frames[-1] and a_frames[-1]["status"] == "complete"
 
             # Stop from process B a reply that process A is generating.
-            await a.send(json.dumps({"type": "send", "conversation_id": ack["conversation_id"],
-                                     "client_id": str(uuid.uuid4()), "content": "[tokens=300][delay=0.03]"}))  # fmt: skip
+            await a.send(send(ack["conversation_id"], "[tokens=300][delay=0.03]"))
             second = json.loads(await a.recv())
             message = await frames_until(b, "message")
             reply_id = second["assistant_message_id"]
