@@ -55,6 +55,9 @@ class ChatConsumer(AsyncWebsocketConsumer):
             return
         try:
             frame = protocol.parse(text_data, bytes_data)
+            if not await self._still_logged_in():
+                await self.close(code=protocol.CLOSE_UNAUTHENTICATED)
+                return
             if isinstance(frame, protocol.Open):
                 await self.open(frame)
             elif isinstance(frame, protocol.Send):
@@ -68,6 +71,13 @@ class ChatConsumer(AsyncWebsocketConsumer):
         except Exception:  # noqa: BLE001 - one bad frame must not take the socket down
             logger.exception("failed to handle a frame from user %s", self.user.pk)
             await self.send_frame(protocol.error("internal_error", "The server failed to handle that; try again."))
+
+    async def _still_logged_in(self) -> bool:
+        """False once the session is gone (logged out in another tab, expired)."""
+        session = self.scope.get("session")
+        if session is None or session.session_key is None:
+            return True  # not a cookie session (tests, the terminal): authenticated at connect
+        return await database_sync_to_async(session.exists)(session.session_key)
 
     async def send_frame(self, frame: dict[str, Any]) -> None:
         await self.send(text_data=json.dumps(frame))

@@ -34,6 +34,20 @@ async def test_logged_in_socket_over_the_full_stack(alice, client):
     await communicator.disconnect()
 
 
+async def test_socket_closes_with_4401_after_logout(alice, client):
+    from asgiref.sync import sync_to_async
+
+    await sync_to_async(client.force_login)(alice)
+    cookie = f"sessionid={client.cookies['sessionid'].value}".encode()
+    communicator = WebsocketCommunicator(
+        application, "/ws/chat/", headers=[(b"origin", b"http://127.0.0.1"), (b"cookie", cookie)]
+    )
+    assert (await communicator.connect())[0]
+    await sync_to_async(client.logout)()  # e.g. in another tab
+    await communicator.send_to(text_data=json.dumps({"type": "open", "conversation_id": "1"}))
+    assert await communicator.receive_output(timeout=5) == {"type": "websocket.close", "code": 4401}
+
+
 async def test_foreign_origin_is_refused(alice):
     communicator = WebsocketCommunicator(application, "/ws/chat/", headers=[(b"origin", b"http://evil.example")])
     connected, _ = await communicator.connect()
