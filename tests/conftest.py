@@ -1,4 +1,5 @@
 import asyncio
+import inspect
 import json
 import uuid
 
@@ -9,6 +10,7 @@ from channels.testing import WebsocketCommunicator
 from chat import generation
 from chat.routing import websocket_urlpatterns
 from tests.llm_server import LLMServer
+from tests.servers import start_site
 
 
 @pytest.fixture(scope="session")
@@ -40,6 +42,12 @@ def llm_server() -> LLMServer:
     server.shutdown()
 
 
+@pytest.fixture(scope="session")
+def site(tmp_path_factory, llm_server):
+    """Two real daphne processes sharing a second embedded PostgreSQL and Valkey; yields their ports."""
+    yield from start_site(tmp_path_factory.mktemp("stack"), llm_server.base_url)
+
+
 @pytest.fixture(autouse=True)
 def use_test_llm(settings, llm_server):
     """Every test talks to the scripted OpenAI-compatible server unless it says otherwise."""
@@ -53,7 +61,13 @@ def use_test_llm(settings, llm_server):
     return llm_server
 
 
-@pytest.fixture(autouse=True)
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if inspect.iscoroutinefunction(getattr(item, "function", None)):
+            item.add_marker(pytest.mark.usefixtures("wait_for_generations"))
+
+
+@pytest.fixture
 async def wait_for_generations():
     """Replies outlive sockets: let every one finish before the test's database goes away."""
     yield

@@ -31,6 +31,7 @@
       retry = 0;
       connection.hidden = true;
       if (conversationId) send({type: "open", conversation_id: conversationId});
+      outbox.splice(0).forEach(send);
       // Unacknowledged sends go again: the same client_id makes this safe.
       for (const [clientId, p] of pending) {
         send({type: "send", conversation_id: conversationId, client_id: clientId, content: p.content});
@@ -44,8 +45,12 @@
     };
   }
 
+  // Frames sent while the socket is down wait here ("send" frames wait in `pending` instead).
+  const outbox = [];
+
   function send(frame) {
     if (socket && socket.readyState === WebSocket.OPEN) socket.send(JSON.stringify(frame));
+    else if (frame.type === "stop" || frame.type === "regenerate") outbox.push(frame);
   }
 
   function bubble(role, text, status) {
@@ -214,7 +219,13 @@
       document.getElementById("composer").requestSubmit();
     }
   });
-  stopButton.addEventListener("click", () => streamingId && send({type: "stop", message_id: streamingId}));
+  stopButton.addEventListener("click", () => {
+    if (!streamingId) return;
+    const id = streamingId;
+    const entry = messages.get(id);
+    if (entry) setStatus(entry.el, "streaming", "Stopping…");
+    send({type: "stop", message_id: id});
+  });
 
   connect();
 })();

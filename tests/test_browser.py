@@ -1,0 +1,90 @@
+"""The chat page in a real browser (Debian's Chromium driven by Playwright) against real daphne processes."""
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import expect, sync_playwright
+
+from tests.servers import PASSWORD, USERNAME
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(not shutil.which("chromium") and not os.environ.get("CI"), reason="apt-get install chromium"),
+]
+
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+SCREENSHOTS = Path(os.environ.get("SCREENSHOT_DIR", Path(__file__).resolve().parent.parent / "var" / "screenshots"))
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+def test_log_in_chat_stream_reload_and_other_tab(site, browser):
+    port_a, port_b = site
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    context = browser.new_context(viewport={"width": 1100, "height": 700})
+    page = context.new_page()
+    page.goto(f"http://127.0.0.1:{port_a}/")
+    expect(page).to_have_url(re.compile(r"/accounts/login/"))
+    page.screenshot(path=SCREENSHOTS / "login.png")
+    page.fill("#id_username", USERNAME)
+    page.fill("#id_password", PASSWORD)
+    page.click("button[type=submit]")
+    expect(page.locator("#welcome")).to_be_visible()
+    expect(page.locator(".model-note")).to_contain_text("test-model")
+    page.screenshot(path=SCREENSHOTS / "welcome.png")
+
+    page.fill("#input", "Hello from the browser [tokens=30][delay=0.05]")
+    page.keyboard.press("Enter")
+    expect(page.locator(".message.user .body")).to_have_text("Hello from the browser [tokens=30][delay=0.05]")
+    reply = page.locator(".message.assistant .body").last
+    # Mid-stream: some text is there, the stop button shows.
+    expect(reply).to_contain_text("t0 t1")
+    expect(page.locator("#stop")).to_be_visible()
+    page.screenshot(path=SCREENSHOTS / "streaming.png")
+    expect(reply).to_have_text(" ".join(f"t{i}" for i in range(30)) + " ")
+    expect(page.locator("#stop")).to_be_hidden()
+    expect(page).to_have_url(re.compile(r"/c/\d+/$"))
+    expect(page.locator("#conversation-list a.active")).to_contain_text("Hello from the browser")
+    page.screenshot(path=SCREENSHOTS / "chat.png")
+
+    # Reload: the conversation comes back from the database.
+    page.reload()
+    expect(page.locator(".message")).to_have_count(2)
+    expect(page.locator(".message.assistant .body")).to_have_text(" ".join(f"t{i}" for i in range(30)) + " ")
+
+    # The same conversation open in a second tab on the other server process sees a new reply stream in.
+    other = context.new_page()
+    other.goto(page.url.replace(str(port_a), str(port_b)))
+    expect(other.locator(".message")).to_have_count(2)
+    page.fill("#input", "Second question [tokens=10][delay=0.05]")
+    page.keyboard.press("Enter")
+    expect(other.locator(".message.user .body").last).to_have_text("Second question [tokens=10][delay=0.05]")
+    expect(other.locator(".message.assistant .body").last).to_have_text(" ".join(f"t{i}" for i in range(10)) + " ")
+
+    # Stop from the browser.
+    page.fill("#input", "A long one [tokens=300][delay=0.05]")
+    page.keyboard.press("Enter")
+    expect(page.locator(".message.assistant .body").last).to_contain_text("t3")
+    page.click("#stop")
+    expect(page.locator(".message.assistant").last).to_have_attribute("data-status", "stopped")
+    expect(page.locator(".message.assistant .meta").last).to_have_text("Stopped")
+    page.screenshot(path=SCREENSHOTS / "stopped.png")
+    context.close()
