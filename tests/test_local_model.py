@@ -94,15 +94,27 @@ async def test_two_conversations_at_once_both_complete_in_turn(alice, bob, local
 
 async def test_full_queue_answers_busy(alice, bob, django_user_model, local_model):
     local_model.LOCAL_MODEL_QUEUE = 1
-    local_model.LOCAL_MODEL_MAX_TOKENS = 48
+    local_model.LOCAL_MODEL_MAX_TOKENS = 64
+    provider = local.get_local_provider()
+    provider.warm_up()
+    assert await asyncio.to_thread(provider._loaded.wait, 60)
     carol = await django_user_model.objects.acreate(username="carol")
     async with Client(alice) as a, Client(bob) as b, Client(carol) as c:
-        for client in (a, b, c):
-            await client.say("Tell me about the sea.")
-            await asyncio.sleep(0.05)
-        results = await asyncio.gather(*(client.recv_until("done", 90) for client in (a, b, c)))
-    codes = sorted((frames[-1]["error"] or {}).get("code", "ok") for frames in results)
-    assert codes == ["busy", "ok", "ok"]
+        await a.say("Tell me about the sea.")
+        running = await a.recv_until("chunk", 60)  # alice's reply is being generated
+        await b.say("Tell me about the sky.")
+        for _ in range(100):  # bob's waits: the queue (1 place) is now full
+            if provider._waiting:
+                break
+            await asyncio.sleep(0.02)
+        await c.say("Tell me about the land.")
+        carol_done = (await c.recv_until("done", 30))[-1]
+        alice_done = (await a.recv_until("done", 90))[-1]
+        bob_done = (await b.recv_until("done", 90))[-1]
+    assert running[-1]["type"] == "chunk"
+    assert carol_done["status"] == "error" and carol_done["error"]["code"] == "busy"
+    assert "try again" in carol_done["error"]["message"]
+    assert alice_done["status"] == bob_done["status"] == "complete"
 
 
 async def test_message_too_long_for_the_window_is_a_clear_error(alice, local_model):
