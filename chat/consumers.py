@@ -54,7 +54,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
             await self.close(code=protocol.CLOSE_TOO_BIG)
             return
         try:
-            frame = protocol.parse(text_data, bytes_data)
+            frame = protocol.parse(text_data, size)
             if not await self._still_logged_in():
                 await self.close(code=protocol.CLOSE_UNAUTHENTICATED)
                 return
@@ -70,7 +70,9 @@ class ChatConsumer(AsyncWebsocketConsumer):
             await self.send_frame(exc.frame())
         except Exception:  # noqa: BLE001 - one bad frame must not take the socket down
             logger.exception("failed to handle a frame from user %s", self.user.pk)
-            await self.send_frame(protocol.error("internal_error", "The server failed to handle that; try again."))
+            await self.send_frame(
+                protocol.error(protocol.INTERNAL_ERROR, "The server failed to handle that; try again.")
+            )
 
     async def _still_logged_in(self) -> bool:
         """False once the session is gone (logged out in another tab, expired)."""
@@ -169,7 +171,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         index = streaming[0]
         await self._with_snapshot(rows[index], lambda text, final: send_history(text, final, index))
 
-    async def _model_name(self) -> str:
+    def _model_name(self) -> str:
         try:
             return get_provider().model_name
         except ProviderError:
@@ -178,17 +180,14 @@ class ChatConsumer(AsyncWebsocketConsumer):
     async def send_message(self, frame: protocol.Send) -> None:
         control = await ControlDispatcher.address(self.channel_layer)
         turn = await database_sync_to_async(services.begin_turn)(
-            self.user, frame.conversation_id, frame.client_id, frame.content, await self._model_name(), control
+            self.user, frame.conversation_id, frame.client_id, frame.content, self._model_name(), control
         )
         await self._subscribe(turn.conversation.pk)
-        ack = protocol.ack(frame.client_id, turn.conversation.pk, turn.user_message.pk, turn.reply.pk)
+        await self.send_frame(protocol.ack(frame.client_id, turn.conversation.pk, turn.user_message.pk, turn.reply.pk))
         if turn.replayed:
-            await self.send_frame(ack)
             await self._resume(turn.reply)
             return
-        await self.send_frame(ack)
-        stream_frames = [protocol.message(turn.user_message), protocol.message(turn.reply)]
-        for payload in stream_frames:
+        for payload in (protocol.message(turn.user_message), protocol.message(turn.reply)):
             await self.channel_layer.group_send(
                 group_name(turn.conversation.pk),
                 {"type": "chat.frame", "frame": {"type": "message", "message": payload}, "exclude": self.channel_name},
@@ -203,7 +202,6 @@ class ChatConsumer(AsyncWebsocketConsumer):
             if final is not None:
                 await self.send_frame(protocol.done_for(final))
 
-        reply = await database_sync_to_async(Message.objects.get)(pk=reply.pk)
         if reply.status == Message.Status.STREAMING:
             await self._with_snapshot(reply, send_text)
         else:
@@ -218,7 +216,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
     async def regenerate(self, frame: protocol.Regenerate) -> None:
         control = await ControlDispatcher.address(self.channel_layer)
         turn = await database_sync_to_async(services.begin_regenerate)(
-            self.user, frame.message_id, await self._model_name(), control
+            self.user, frame.message_id, self._model_name(), control
         )
         await self._subscribe(turn.conversation.pk)
         # Every socket on the conversation, this one included, learns the new reply's id.

@@ -22,6 +22,7 @@ BUSY = "busy"
 PROVIDER_ERROR = "provider_error"
 CONTEXT_TOO_LONG = "context_too_long"
 NOT_CONFIGURED = "not_configured"
+INTERNAL_ERROR = "internal_error"
 
 # Close codes.
 CLOSE_TOO_BIG = 1009
@@ -81,11 +82,11 @@ def _client_id(frame: dict[str, Any]) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def parse(text: str | None, data: bytes | None) -> ClientFrame:
-    """Parse and validate one client frame, or raise ProtocolError."""
+def parse(text: str | None, size: int) -> ClientFrame:
+    """Parse and validate one client frame of ``size`` bytes, or raise ProtocolError."""
     if text is None:
         raise ProtocolError(BAD_REQUEST, "Frames must be JSON text, not binary.")
-    if len(text.encode()) > settings.CHAT_MAX_FRAME_BYTES:
+    if size > settings.CHAT_MAX_FRAME_BYTES:
         raise ProtocolError(TOO_LARGE, f"Frame larger than {settings.CHAT_MAX_FRAME_BYTES} bytes.")
     try:
         frame = json.loads(text)

@@ -38,6 +38,15 @@ async def test_bad_frame_gets_error_and_socket_stays_usable(alice, text, code):
         assert reply_text(frames, ack["assistant_message_id"]) == "You said: still here?"
 
 
+async def test_binary_frame_is_a_bad_request(alice):
+    async with Client(alice) as client:
+        await client.communicator.send_to(bytes_data=b"\x00\x01")
+        answer = await client.recv()
+        assert answer["code"] == "bad_request" and "JSON text" in answer["message"]
+        assert (await client.say("ok?"))["type"] == "ack"
+        await client.recv_until("done")
+
+
 async def test_oversized_frame_and_message(alice, settings):
     settings.CHAT_MAX_MESSAGE_CHARS = 100
     async with Client(alice) as client:

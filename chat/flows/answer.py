@@ -176,7 +176,9 @@ async def run_answer(shared: dict[str, Any]) -> None:
     except Exception:
         logger.exception("reply %s failed", stream.reply_id)
         shared["outcome"] = Outcome(
-            Message.Status.ERROR, error_code="internal_error", error_message="The server failed to write this reply."
+            Message.Status.ERROR,
+            error_code=protocol.INTERNAL_ERROR,
+            error_message="The server failed to write this reply.",
         )
         await Persist().run_async(shared)
     finally:
