@@ -83,17 +83,23 @@ class StreamAnswer(AsyncNode):
 
         async def consume() -> None:
             nonlocal deltas
-            async for event in provider.stream(prompt):
-                if isinstance(event, str):
-                    if outcome.first_token_ms is None:
-                        outcome.first_token_ms = int((time.monotonic() - started) * 1000)
-                    deltas += 1
-                    await stream.emit(event)
-                elif isinstance(event, Usage):
-                    outcome.prompt_tokens = event.prompt_tokens or outcome.prompt_tokens
-                    outcome.completion_tokens = event.completion_tokens
-                elif isinstance(event, Status):
-                    await stream.send(protocol.status(stream.reply_id, event.state, **event.detail))
+            events = provider.stream(prompt)
+            try:
+                async for event in events:
+                    if isinstance(event, str):
+                        if outcome.first_token_ms is None:
+                            outcome.first_token_ms = int((time.monotonic() - started) * 1000)
+                        deltas += 1
+                        await stream.emit(event)
+                    elif isinstance(event, Usage):
+                        outcome.prompt_tokens = event.prompt_tokens or outcome.prompt_tokens
+                        outcome.completion_tokens = event.completion_tokens
+                    elif isinstance(event, Status):
+                        await stream.send(protocol.status(stream.reply_id, event.state, **event.detail))
+            finally:
+                # A stop can land while we are publishing, with the provider's generator
+                # suspended: close it now, not at garbage collection, so it stops the model.
+                await events.aclose()
 
         consumer = asyncio.create_task(consume())
         stopper = asyncio.create_task(stream.stop_event.wait())
