@@ -26,16 +26,16 @@ SNAPSHOT_TIMEOUT = 2.0
 
 class ChatConsumer(AsyncWebsocketConsumer):
     conversation_id: int | None = None
-    # While joining a reply mid-stream: message id -> frames that arrived before its snapshot.
-    syncing: dict[str, list[dict[str, Any]]]
+    # While joining a reply mid-stream: the frames that arrived before its snapshot.
+    held: list[dict[str, Any]] | None = None
 
     async def connect(self) -> None:
         self.user = self.scope.get("user")
         if self.user is None or not self.user.is_authenticated:
             await self.close()  # before accept: the handshake is refused
             return
-        self.syncing = {}
-        self.awaiting: dict[str, Callable[[str, Message | None], Awaitable[None]]] = {}
+        # Streaming replies whose snapshot is awaited: what to do with it, and the ids the client will have.
+        self.awaiting: dict[str, tuple[Callable[[str, Message | None], Awaitable[None]], frozenset[str]]] = {}
         self.deadlines: set[asyncio.Task] = set()
         await self.accept()
         try:
@@ -97,20 +97,24 @@ class ChatConsumer(AsyncWebsocketConsumer):
         if self.conversation_id is not None:
             await self.channel_layer.group_discard(group_name(self.conversation_id), self.channel_name)
             self.conversation_id = None
-            self.syncing.clear()
+            self.held = None
             self.awaiting.clear()
 
-    async def _with_snapshot(self, reply: Message, then: Callable[[str, Message | None], Awaitable[None]]) -> None:
+    async def _with_snapshot(
+        self, reply: Message, then: Callable[[str, Message | None], Awaitable[None]], shown: frozenset[str]
+    ) -> None:
         """Get the text so far of a streaming reply from the process generating it, then call ``then``.
 
         The answer comes back as a `chat.snapshot` event (this handler must not
-        wait for it: the consumer handles one event at a time). Chunks that
-        reach this socket meanwhile are held in ``syncing`` and released by
-        offset afterwards, so the client sees no gap and no repeat.
+        wait for it: the consumer handles one event at a time). Frames that
+        reach this socket meanwhile are held and released afterwards: chunks
+        trimmed by offset, `message` frames for the ids in ``shown`` dropped,
+        so the client sees no gap and no repeat.
         """
         message_id = str(reply.pk)
-        self.syncing[message_id] = []
-        self.awaiting[message_id] = then
+        if self.held is None:
+            self.held = []
+        self.awaiting[message_id] = (then, shown)
         if reply.control_channel:
             await self.channel_layer.send(
                 reply.control_channel,
@@ -128,21 +132,24 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
     async def chat_snapshot(self, event: dict[str, Any]) -> None:
         message_id = event["message_id"]
-        then = self.awaiting.pop(message_id, None)
-        if then is None:
+        if message_id not in self.awaiting:
             return  # answered already, or the socket moved on
+        then, shown = self.awaiting.pop(message_id)
         text, final = event["content"], None
         if text is None:
             # No answer: the generation ended meanwhile, or its process died. The database knows.
             row = await database_sync_to_async(Message.objects.get)(pk=int(message_id))
             text, final = row.content, (row if row.status != Message.Status.STREAMING else None)
         await then(text, final)
-        await self._release(message_id, len(text))
+        await self._release(message_id, len(text), shown)
 
-    async def _release(self, message_id: str, known: int) -> None:
-        """Forward what arrived while syncing, minus the ``known`` characters the client has."""
-        for frame in self.syncing.pop(message_id, []):
-            if frame["type"] == "chunk":
+    async def _release(self, message_id: str, known: int, shown: frozenset[str]) -> None:
+        """Forward the held frames, minus what the client was just given."""
+        held, self.held = self.held or [], None
+        for frame in held:
+            if frame["type"] == "message" and frame["message"]["id"] in shown:
+                continue
+            if frame["type"] == "chunk" and frame["message_id"] == message_id:
                 end = frame["offset"] + len(frame["delta"])
                 if end <= known:
                     continue
@@ -169,7 +176,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
             await send_history()
             return
         index = streaming[0]
-        await self._with_snapshot(rows[index], lambda text, final: send_history(text, final, index))
+        shown = frozenset(payload["id"] for payload in payloads)
+        await self._with_snapshot(rows[index], lambda text, final: send_history(text, final, index), shown)
 
     def _model_name(self) -> str:
         try:
@@ -203,12 +211,13 @@ class ChatConsumer(AsyncWebsocketConsumer):
                 await self.send_frame(protocol.done_for(final))
 
         if reply.status == Message.Status.STREAMING:
-            await self._with_snapshot(reply, send_text)
+            await self._with_snapshot(reply, send_text, frozenset())
         else:
             await send_text(reply.content, reply)
 
     async def stop(self, frame: protocol.Stop) -> None:
         reply = await database_sync_to_async(services.request_stop)(self.user, frame.message_id)
+        logger.info("stop for reply %s: %s", frame.message_id, "requested" if reply else "already finished")
         if reply is not None and reply.control_channel:
             # The generation's own address reaches it in whichever process runs it.
             await self.channel_layer.send(reply.control_channel, {"type": "reply.stop", "reply_id": reply.pk})
@@ -231,9 +240,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
     async def chat_frame(self, event: dict[str, Any]) -> None:
         if event.get("exclude") == self.channel_name:
             return
-        frame = event["frame"]
-        held = self.syncing.get(frame.get("message_id", ""))
-        if held is not None:
-            held.append(frame)
+        if self.held is not None:
+            self.held.append(event["frame"])
         else:
-            await self.send_frame(frame)
+            await self.send_frame(event["frame"])
