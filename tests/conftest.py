@@ -4,6 +4,7 @@ import json
 import uuid
 
 import pytest
+from channels.layers import channel_layers
 from channels.routing import URLRouter
 from channels.testing import WebsocketCommunicator
 
@@ -64,12 +65,15 @@ def use_test_llm(settings, llm_server):
 def pytest_collection_modifyitems(items):
     for item in items:
         if inspect.iscoroutinefunction(getattr(item, "function", None)):
-            item.add_marker(pytest.mark.usefixtures("wait_for_generations"))
+            item.add_marker(pytest.mark.usefixtures("isolated_event_loop_state"))
 
 
 @pytest.fixture
-async def wait_for_generations():
-    """Replies outlive sockets: let every one finish before the test's database goes away."""
+async def isolated_event_loop_state():
+    """Each async test runs on its own event loop: give it a channel layer of its own (channels_redis
+    keeps asyncio locks that belong to the loop that made them), and after it, let every reply
+    finish (they outlive sockets) before the test's database goes away."""
+    channel_layers.backends.clear()
     yield
     if generation.RUNNING:
         await asyncio.wait_for(asyncio.gather(*generation.RUNNING.values(), return_exceptions=True), 30)
