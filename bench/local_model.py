@@ -24,22 +24,16 @@ LOCAL_MODEL_SYSTEM_PROMPT.
 from __future__ import annotations
 
 import asyncio
-import http.cookiejar
 import importlib.util
 import json
 import os
 import platform
-import re
 import resource
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.parse
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -54,7 +48,7 @@ import llama_cpp  # noqa: E402
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter  # noqa: E402
 from websockets.asyncio.client import connect  # noqa: E402
 
-from chatsite import embedded  # noqa: E402
+from tests.servers import Site, login  # noqa: E402
 
 MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CONTEXT = 2048
@@ -69,8 +63,6 @@ REPEAT_PENALTY = 1.15
 SYSTEM_PROMPT = os.environ.get("LOCAL_MODEL_SYSTEM_PROMPT", "You are a helpful assistant. Give short, plain answers.")
 LONG_PROMPT_TOKENS = 1000
 FRAME_TIMEOUT = 120.0
-USERNAME = "bench"
-PASSWORD = "bench-pass-7316"
 
 WARM_UP = "Say hello."
 SHORT = "Write a short poem about the sea."
@@ -199,37 +191,6 @@ def long_question(model: Model) -> str:
 # --- the stack ------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for_http(url: str, server: subprocess.Popen, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            return
-        except OSError:
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
-
-
-def login(port: int) -> str:
-    """Log in through the HTML form, as a browser does; return the Cookie header."""
-    jar = http.cookiejar.CookieJar()
-    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
-    page = opener.open(f"http://127.0.0.1:{port}/accounts/login/").read().decode()
-    token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page).group(1)
-    form = urllib.parse.urlencode({"username": USERNAME, "password": PASSWORD, "csrfmiddlewaretoken": token})
-    opener.open(f"http://127.0.0.1:{port}/accounts/login/", form.encode())
-    if "sessionid" not in {c.name for c in jar}:
-        raise RuntimeError("login failed: no sessionid cookie")
-    return "; ".join(f"{c.name}={c.value}" for c in jar)
-
-
 async def ask(ws, question: str) -> dict:
     """One new conversation; times from `send` to the first `chunk` and to `done`."""
     frame = {"type": "send", "conversation_id": None, "client_id": str(uuid.uuid4()), "content": question}
@@ -279,63 +240,27 @@ async def stack_runs(port: int, cookie: str, pid: int, prompts: dict[str, str]) 
 
 def run_stack(prompts: dict[str, str]) -> tuple[dict, dict]:
     var = Path(tempfile.mkdtemp(prefix="chatsite-bench-"))
-    server = None
-    log = open(var / "daphne.log", "w")  # closed in finally
+    env = {
+        "OMP_WAIT_POLICY": "PASSIVE",
+        "LOCAL_MODEL_CONTEXT": str(CONTEXT),
+        "LOCAL_MODEL_THREADS": str(THREADS),
+        "LOCAL_MODEL_BATCH_THREADS": str(BATCH_THREADS),
+        "LOCAL_MODEL_MAX_TOKENS": str(MAX_TOKENS),
+        "LOCAL_MODEL_TEMPERATURE": str(TEMPERATURE),
+        "LOCAL_MODEL_REPEAT_PENALTY": str(REPEAT_PENALTY),
+        "LOCAL_MODEL_SYSTEM_PROMPT": SYSTEM_PROMPT,
+        "LOG_LEVEL": "WARNING",
+        # The local model, whatever the caller's environment says.
+        **dict.fromkeys(("OPENAI_API_KEY", "OPENAI_BASE_URL", "LLM_PROVIDER", "LOCAL_MODEL_PATH")),
+    }
     try:
-        db = embedded.postgres(var)
-        env = {
-            **os.environ,
-            "DATABASE_URL": f"postgres://postgres@{urllib.parse.quote(db['HOST'], safe='')}/postgres",
-            "REDIS_URL": embedded.valkey(var),
-            "CHATSITE_VAR_DIR": str(var),
-            "ALLOWED_HOSTS": "127.0.0.1",
-            "DJANGO_SETTINGS_MODULE": "chatsite.settings",
-            "OMP_WAIT_POLICY": "PASSIVE",
-            "LOCAL_MODEL_CONTEXT": str(CONTEXT),
-            "LOCAL_MODEL_THREADS": str(THREADS),
-            "LOCAL_MODEL_BATCH_THREADS": str(BATCH_THREADS),
-            "LOCAL_MODEL_MAX_TOKENS": str(MAX_TOKENS),
-            "LOCAL_MODEL_TEMPERATURE": str(TEMPERATURE),
-            "LOCAL_MODEL_REPEAT_PENALTY": str(REPEAT_PENALTY),
-            "LOCAL_MODEL_SYSTEM_PROMPT": SYSTEM_PROMPT,
-            "LOG_LEVEL": "WARNING",
-        }
-        for key in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "LLM_PROVIDER", "LOCAL_MODEL_PATH"):
-            env.pop(key, None)
-        manage = [sys.executable, "manage.py"]
-        subprocess.run([*manage, "migrate", "--noinput"], env=env, cwd=ROOT, check=True, capture_output=True)
-        create = (
-            "from django.contrib.auth.models import User; "
-            f"User.objects.create_user('{USERNAME}', password='{PASSWORD}')"
-        )
-        subprocess.run([*manage, "shell", "-c", create], env=env, cwd=ROOT, check=True, capture_output=True)
-        port = free_port()
-        server = subprocess.Popen(
-            [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "chatsite.asgi:application"],
-            env=env,
-            cwd=ROOT,
-            stdout=subprocess.DEVNULL,
-            stderr=log,
-        )
-        wait_for_http(f"http://127.0.0.1:{port}/accounts/login/", server)
-        cookie = login(port)
-        return asyncio.run(stack_runs(port, cookie, server.pid, prompts))
-    except BaseException:
-        log.flush()
-        print(f"--- {var / 'daphne.log'} (tail) ---", file=sys.stderr)
-        print((var / "daphne.log").read_text()[-4000:], file=sys.stderr)
-        raise
-    finally:
-        if server is not None:
-            server.terminate()
+        with Site(var, env, processes=1) as site:
             try:
-                server.wait(15)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
-        log.close()
-        embedded.stop_valkey(var)
-        embedded.stop_postgres(var)
+                return asyncio.run(stack_runs(site.ports[0], login(site.ports[0]), site.servers[0].pid, prompts))
+            except BaseException:
+                print(f"--- daphne log (tail) ---\n{site.logs()}", file=sys.stderr)
+                raise
+    finally:
         shutil.rmtree(var, ignore_errors=True)
 
 

@@ -11,7 +11,7 @@ from channels.testing import WebsocketCommunicator
 from chat import generation
 from chat.routing import websocket_urlpatterns
 from tests.llm_server import LLMServer
-from tests.servers import start_site
+from tests.servers import Site
 
 
 @pytest.fixture(scope="session")
@@ -46,7 +46,9 @@ def llm_server() -> LLMServer:
 @pytest.fixture(scope="session")
 def site(tmp_path_factory, llm_server):
     """Two real daphne processes sharing a second embedded PostgreSQL and Valkey; yields their ports."""
-    yield from start_site(tmp_path_factory.mktemp("stack"), llm_server.base_url)
+    env = {"OPENAI_BASE_URL": llm_server.base_url, "OPENAI_API_KEY": "test-key", "LLM_MODEL": "test-model"}
+    with Site(tmp_path_factory.mktemp("stack"), {**env, "LLM_PROVIDER": None}) as site:
+        yield site.ports
 
 
 @pytest.fixture(autouse=True)

@@ -1,4 +1,4 @@
-"""Real server processes for end-to-end and browser tests."""
+"""Real server processes, for the end-to-end and browser tests and the benchmarks."""
 
 import http.cookiejar
 import os
@@ -24,71 +24,95 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for_http(url: str, timeout: float = 60) -> None:
+def wait_for_http(url: str, server: subprocess.Popen, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while True:
         try:
             urllib.request.urlopen(url, timeout=2)
             return
         except OSError:
-            if time.monotonic() > deadline:
+            if server.poll() is not None or time.monotonic() > deadline:
                 raise
             time.sleep(0.2)
 
 
-def start_site(var: Path, llm_base_url: str):
-    """Two daphne processes on a second embedded PostgreSQL + Valkey (given as DATABASE_URL / REDIS_URL).
+class Site:
+    """Daphne processes on their own embedded PostgreSQL + Valkey, handed to them as DATABASE_URL / REDIS_URL.
 
-    A generator: yields the two ports, stops everything when closed.
+    ``env`` adds to (and ``None`` values remove from) the processes' environment. Use as a
+    context manager: migrates, creates the user USERNAME, starts the processes, and stops
+    everything on exit. ``ports`` and ``servers`` (the Popen objects) are in the same order.
     """
-    db = embedded.postgres(var)
-    env = {
-        **os.environ,
-        "DATABASE_URL": f"postgres://postgres@{urllib.parse.quote(db['HOST'], safe='')}/postgres",
-        "REDIS_URL": embedded.valkey(var),
-        "CHATSITE_VAR_DIR": str(var),
-        "OPENAI_BASE_URL": llm_base_url,
-        "OPENAI_API_KEY": "test-key",
-        "LLM_MODEL": "test-model",
-        "ALLOWED_HOSTS": "127.0.0.1",
-        "DJANGO_SETTINGS_MODULE": "chatsite.settings",
-    }
-    env.pop("LLM_PROVIDER", None)
-    manage = [sys.executable, "manage.py"]
-    subprocess.run([*manage, "migrate", "--noinput"], env=env, cwd=ROOT, check=True, capture_output=True)
-    subprocess.run(
-        [
-            *manage,
-            "shell",
-            "-c",
-            "from django.contrib.auth.models import User; "
-            f"User.objects.create_user('{USERNAME}', password='{PASSWORD}')",
-        ],
-        env=env,
-        cwd=ROOT,
-        check=True,
-    )
-    ports = [free_port(), free_port()]
-    servers = [
-        subprocess.Popen(
-            [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "chatsite.asgi:application"],
-            env=env,
-            cwd=ROOT,
-            stdout=subprocess.DEVNULL,
-            stderr=open(var / f"daphne-{port}.log", "w"),
-        )
-        for port in ports
-    ]
-    try:
-        for port in ports:
-            wait_for_http(f"http://127.0.0.1:{port}/accounts/login/")
-        yield ports
-    finally:
-        for server in servers:
+
+    def __init__(self, var: Path, env: dict[str, str | None], processes: int = 2) -> None:
+        self.var = var
+        self.processes = processes
+        db = embedded.postgres(var)
+        self.env = {
+            **os.environ,
+            "DATABASE_URL": f"postgres://postgres@{urllib.parse.quote(db['HOST'], safe='')}/postgres",
+            "REDIS_URL": embedded.valkey(var),
+            "CHATSITE_VAR_DIR": str(var),
+            "ALLOWED_HOSTS": "127.0.0.1",
+            "DJANGO_SETTINGS_MODULE": "chatsite.settings",
+        }
+        for key, value in env.items():
+            if value is None:
+                self.env.pop(key, None)
+            else:
+                self.env[key] = value
+        self.ports: list[int] = []
+        self.servers: list[subprocess.Popen] = []
+
+    def manage(self, *args: str) -> None:
+        subprocess.run([sys.executable, "manage.py", *args], env=self.env, cwd=ROOT, check=True, capture_output=True)
+
+    def __enter__(self) -> "Site":
+        try:
+            self.manage("migrate", "--noinput")
+            user = f"User.objects.create_user('{USERNAME}', password='{PASSWORD}')"
+            self.manage("shell", "-c", f"from django.contrib.auth.models import User; {user}")
+            for _ in range(self.processes):
+                port = free_port()
+                self.ports.append(port)
+                self.servers.append(
+                    subprocess.Popen(
+                        [
+                            sys.executable,
+                            "-m",
+                            "daphne",
+                            "-b",
+                            "127.0.0.1",
+                            "-p",
+                            str(port),
+                            "chatsite.asgi:application",
+                        ],
+                        env=self.env,
+                        cwd=ROOT,
+                        stdout=subprocess.DEVNULL,
+                        stderr=open(self.var / f"daphne-{port}.log", "w"),
+                    )
+                )
+            for port, server in zip(self.ports, self.servers, strict=True):
+                wait_for_http(f"http://127.0.0.1:{port}/accounts/login/", server)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for server in self.servers:
             server.terminate()
-            server.wait(10)
-        embedded.stop_valkey(var)
-        embedded.stop_postgres(var)
+            try:
+                server.wait(15)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
+        embedded.stop_valkey(self.var)
+        embedded.stop_postgres(self.var)
+
+    def logs(self) -> str:
+        return "\n".join(path.read_text()[-4000:] for path in sorted(self.var.glob("daphne-*.log")))
 
 
 def login(port: int) -> str:
@@ -98,7 +122,7 @@ def login(port: int) -> str:
     page = opener.open(f"http://127.0.0.1:{port}/accounts/login/").read().decode()
     token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page).group(1)
     form = urllib.parse.urlencode({"username": USERNAME, "password": PASSWORD, "csrfmiddlewaretoken": token}).encode()
-    response = opener.open(f"http://127.0.0.1:{port}/accounts/login/", form)
-    assert response.url.endswith("/"), "login did not redirect to the chat page"
-    assert "sessionid" in {c.name for c in jar}
+    opener.open(f"http://127.0.0.1:{port}/accounts/login/", form)
+    if "sessionid" not in {c.name for c in jar}:
+        raise RuntimeError("login failed: no sessionid cookie")
     return "; ".join(f"{c.name}={c.value}" for c in jar)
