@@ -114,6 +114,16 @@ async def test_provider_down_is_a_clear_error_and_nothing_half_written(alice, se
         assert history[1]["error"]["code"] == "provider_error"
 
 
+async def test_provider_timeout_mid_stream_is_reported(alice, settings):
+    settings.LLM_TIMEOUT = 0.5
+    async with Client(alice) as client:
+        ack = await client.say("[tokens=10][first_delay=3]")
+        done = (await client.recv_until("done"))[-1]
+    assert done["status"] == "error" and done["error"]["code"] == "provider_error"
+    assert "did not answer in time" in done["error"]["message"]
+    assert (await Message.objects.aget(pk=ack["assistant_message_id"])).status == "error"
+
+
 async def test_refused_api_key_is_reported(alice, settings):
     settings.OPENAI_API_KEY = "wrong-key"
     async with Client(alice) as client:

@@ -65,6 +65,10 @@ class OpenAICompatibleProvider:
                     if choice.delta and choice.delta.content:
                         completion_tokens += 1  # one streamed chunk is one token on OpenAI-style servers
                         yield choice.delta.content
+        except openai.APITimeoutError:
+            raise ProviderError(
+                PROVIDER_ERROR, f"The model endpoint {self.base_url} did not answer in time (mid-reply)."
+            ) from None
         except Exception as exc:  # noqa: BLE001 - any failure of the stream is the provider's
             raise ProviderError(PROVIDER_ERROR, f"The model stream broke off: {_short(str(exc))}") from None
         finally:
