@@ -113,7 +113,12 @@ class ReplyStream:
         # text at most CHAT_FLUSH_SECONDS behind; also notices a stop flagged in the database.
         while True:
             await asyncio.sleep(settings.CHAT_FLUSH_SECONDS)
-            if not await db(services.flush_reply)(self.reply_id, self.text):
+            try:
+                wanted = await db(services.flush_reply)(self.reply_id, self.text)
+            except Exception:  # noqa: BLE001 - a database hiccup must not end the reply; try again next beat
+                logger.exception("could not flush reply %s", self.reply_id)
+                continue
+            if not wanted:
                 self.stop_event.set()
 
     async def close(self) -> None:

@@ -149,3 +149,27 @@ def test_remote_provider_does_not_load_the_local_model(llm_server):
     env.pop("LLM_PROVIDER", None)
     out = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.split("\n")[0] == "OpenAICompatibleProvider False You said: hi"
+
+
+async def test_stopping_a_queued_reply_frees_its_place(alice, bob, django_user_model, local_model):
+    local_model.LOCAL_MODEL_QUEUE = 1
+    local_model.LOCAL_MODEL_MAX_TOKENS = 200
+    provider = local.get_local_provider()
+    provider.warm_up()
+    assert await asyncio.to_thread(provider._loaded.wait, 60)
+    carol = await django_user_model.objects.acreate(username="carol")
+    async with Client(alice) as a, Client(bob) as b, Client(carol) as c:
+        running = await a.say("Write a long story about a dragon who learns to bake bread.")
+        await a.recv_until("chunk", 60)
+        waiting = await b.say("Tell me about the sky.")
+        queued = await b.recv_until("status", 10)
+        assert queued[-1]["state"] == "queued" and queued[-1]["position"] == 1
+        await b.send({"type": "stop", "message_id": waiting["assistant_message_id"]})
+        assert (await b.recv_until("done", 10))[-1]["status"] == "stopped"
+        assert not provider._waiting
+        # The place is free again: carol is queued, not turned away.
+        await c.say("Tell me about the land.")
+        assert (await c.recv_until("status", 10))[-1]["state"] == "queued"
+        await a.send({"type": "stop", "message_id": running["assistant_message_id"]})
+        assert (await a.recv_until("done", 30))[-1]["status"] == "stopped"
+        assert (await c.recv_until("done", 90))[-1]["status"] == "complete"

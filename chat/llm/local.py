@@ -173,13 +173,13 @@ class LocalProvider:
             self._waiting.append(job)
             ahead = len(self._waiting) - 1 + (self._running is not None)
         self.last_job = job
-        if not self._loaded.is_set():
-            self.warm_up()
-            yield Status("warming_up", {})
-        elif ahead:
-            yield Status("queued", {"position": ahead})
-        self._worker.submit(self._generate, job, messages)
         try:
+            if not self._loaded.is_set():
+                self.warm_up()
+                yield Status("warming_up", {})
+            elif ahead:
+                yield Status("queued", {"position": ahead})
+            self._worker.submit(self._generate, job, messages)
             while True:
                 # A plain get: asyncio.wait_for here could swallow the cancellation that `stop` sends.
                 item = await events.get()
