@@ -100,12 +100,18 @@ async def test_two_conversations_at_once_both_complete_in_turn(alice, bob, local
     assert statuses and statuses[0]["position"] == 1
 
 
-async def test_full_queue_answers_busy(alice, bob, django_user_model, local_model):
-    local_model.LOCAL_MODEL_QUEUE = 1
-    local_model.LOCAL_MODEL_MAX_TOKENS = 64
+async def one_place_queue(settings, max_tokens: int) -> local.LocalProvider:
+    """A loaded model whose queue holds one waiting request."""
+    settings.LOCAL_MODEL_QUEUE = 1
+    settings.LOCAL_MODEL_MAX_TOKENS = max_tokens
     provider = local.get_local_provider()
     provider.warm_up()
     assert await asyncio.to_thread(provider._loaded.wait, 60)
+    return provider
+
+
+async def test_full_queue_answers_busy(alice, bob, django_user_model, local_model):
+    provider = await one_place_queue(local_model, 64)
     carol = await django_user_model.objects.acreate(username="carol")
     async with Client(alice) as a, Client(bob) as b, Client(carol) as c:
         await a.say("Tell me about the sea.")
@@ -152,11 +158,7 @@ def test_remote_provider_does_not_load_the_local_model(llm_server):
 
 
 async def test_stopping_a_queued_reply_frees_its_place(alice, bob, django_user_model, local_model):
-    local_model.LOCAL_MODEL_QUEUE = 1
-    local_model.LOCAL_MODEL_MAX_TOKENS = 200
-    provider = local.get_local_provider()
-    provider.warm_up()
-    assert await asyncio.to_thread(provider._loaded.wait, 60)
+    provider = await one_place_queue(local_model, 200)
     carol = await django_user_model.objects.acreate(username="carol")
     async with Client(alice) as a, Client(bob) as b, Client(carol) as c:
         running = await a.say("Write a long story about a dragon who learns to bake bread.")
