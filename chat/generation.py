@@ -56,7 +56,7 @@ class ReplyStream:
         self._lock = asyncio.Lock()
         self._last_publish = 0.0
         self._timer: asyncio.Task | None = None
-        self._tasks: list[asyncio.Task] = []
+        self._tasks: set[asyncio.Task] = set()
 
     def start(self) -> None:
         STREAMS[self.reply_id] = self
@@ -106,7 +106,9 @@ class ReplyStream:
 
     def _spawn(self, coro) -> None:
         task = asyncio.create_task(coro)
-        self._tasks.append(task)
+        # Held until done (snapshot answers come and go for the life of a long reply).
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _heartbeat(self) -> None:
         # Keeps the row fresh (so it is not taken for a dead process's) and the
@@ -127,9 +129,10 @@ class ReplyStream:
             self._timer = None
         await self.publish()
         STREAMS.pop(self.reply_id, None)
-        for task in self._tasks:
+        tasks = list(self._tasks)
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 class ControlDispatcher:
