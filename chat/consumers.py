@@ -2,41 +2,35 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
-from chat import generation, protocol, services
-from chat.generation import ControlDispatcher, group_name
+from chat import protocol, services
+from chat.flows import answer
 from chat.llm import ProviderError, get_provider
 from chat.models import Message
 from chat.protocol import ProtocolError
+from chat.replies import events
+from chat.replies.control import ControlDispatcher
+from chat.replies.join import Join
 
 logger = logging.getLogger(__name__)
-
-# How long a joining socket waits for a running generation to tell its text so far.
-SNAPSHOT_TIMEOUT = 2.0
 
 
 class ChatConsumer(AsyncWebsocketConsumer):
     conversation_id: int | None = None
-    # While joining a reply mid-stream: the frames that arrived before its snapshot.
-    held: list[dict[str, Any]] | None = None
 
     async def connect(self) -> None:
         self.user = self.scope.get("user")
         if self.user is None or not self.user.is_authenticated:
             await self.close()  # before accept: the handshake is refused
             return
-        # Streaming replies whose snapshot is awaited: what to do with it, and the ids the client will have.
-        self.awaiting: dict[str, tuple[Callable[[str, Message | None], Awaitable[None]], frozenset[str]]] = {}
-        self.deadlines: set[asyncio.Task] = set()
+        self.join = Join(self.channel_layer, self.channel_name)
         await self.accept()
         try:
             # Someone is about to chat: load the model / build the client now, not on their first message.
@@ -47,6 +41,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
     async def disconnect(self, code: int) -> None:
         # Leaving the group does not touch any running generation: it finishes and is saved.
         await self._unsubscribe()
+        if hasattr(self, "join"):
+            self.join.close()
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         size = len(text_data.encode()) if text_data is not None else len(bytes_data or b"")
@@ -91,71 +87,13 @@ class ChatConsumer(AsyncWebsocketConsumer):
             return
         await self._unsubscribe()
         self.conversation_id = conversation_id
-        await self.channel_layer.group_add(group_name(conversation_id), self.channel_name)
+        await self.channel_layer.group_add(events.group_name(conversation_id), self.channel_name)
 
     async def _unsubscribe(self) -> None:
         if self.conversation_id is not None:
-            await self.channel_layer.group_discard(group_name(self.conversation_id), self.channel_name)
+            await self.channel_layer.group_discard(events.group_name(self.conversation_id), self.channel_name)
             self.conversation_id = None
-            self.held = None
-            self.awaiting.clear()
-
-    async def _with_snapshot(
-        self, reply: Message, then: Callable[[str, Message | None], Awaitable[None]], shown: frozenset[str]
-    ) -> None:
-        """Get the text so far of a streaming reply from the process generating it, then call ``then``.
-
-        The answer comes back as a `chat.snapshot` event (this handler must not
-        wait for it: the consumer handles one event at a time). Frames that
-        reach this socket meanwhile are held and released afterwards: chunks
-        trimmed by offset, `message` frames for the ids in ``shown`` dropped,
-        so the client sees no gap and no repeat.
-        """
-        message_id = str(reply.pk)
-        if self.held is None:
-            self.held = []
-        self.awaiting[message_id] = (then, shown)
-        if reply.control_channel:
-            await self.channel_layer.send(
-                reply.control_channel,
-                {"type": "reply.snapshot", "reply_id": reply.pk, "reply_channel": self.channel_name},
-            )
-        task = asyncio.create_task(self._snapshot_deadline(message_id))
-        self.deadlines.add(task)
-        task.add_done_callback(self.deadlines.discard)
-
-    async def _snapshot_deadline(self, message_id: str) -> None:
-        await asyncio.sleep(SNAPSHOT_TIMEOUT)
-        await self.channel_layer.send(
-            self.channel_name, {"type": "chat.snapshot", "message_id": message_id, "content": None}
-        )
-
-    async def chat_snapshot(self, event: dict[str, Any]) -> None:
-        message_id = event["message_id"]
-        if message_id not in self.awaiting:
-            return  # answered already, or the socket moved on
-        then, shown = self.awaiting.pop(message_id)
-        text, final = event["content"], None
-        if text is None:
-            # No answer: the generation ended meanwhile, or its process died. The database knows.
-            row = await database_sync_to_async(Message.objects.get)(pk=int(message_id))
-            text, final = row.content, (row if row.status != Message.Status.STREAMING else None)
-        await then(text, final)
-        await self._release(message_id, len(text), shown)
-
-    async def _release(self, message_id: str, known: int, shown: frozenset[str]) -> None:
-        """Forward the held frames, minus what the client was just given."""
-        held, self.held = self.held or [], None
-        for frame in held:
-            if frame["type"] == "message" and frame["message"]["id"] in shown:
-                continue
-            if frame["type"] == "chunk" and frame["message_id"] == message_id:
-                end = frame["offset"] + len(frame["delta"])
-                if end <= known:
-                    continue
-                if frame["offset"] < known:
-                    frame = protocol.chunk(int(message_id), known, frame["delta"][known - frame["offset"] :])
-            await self.send_frame(frame)
+            self.join.reset()
 
     # --- client frames ------------------------------------------------------------------
 
@@ -177,7 +115,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
             return
         index = streaming[0]
         shown = frozenset(payload["id"] for payload in payloads)
-        await self._with_snapshot(rows[index], lambda text, final: send_history(text, final, index), shown)
+        await self.join.start(rows[index], lambda text, final: send_history(text, final, index), shown)
 
     def _model_name(self) -> str:
         try:
@@ -195,12 +133,12 @@ class ChatConsumer(AsyncWebsocketConsumer):
         if turn.replayed:
             await self._resume(turn.reply)
             return
-        for payload in (protocol.message(turn.user_message), protocol.message(turn.reply)):
-            await self.channel_layer.group_send(
-                group_name(turn.conversation.pk),
-                {"type": "chat.frame", "frame": {"type": "message", "message": payload}, "exclude": self.channel_name},
-            )
-        generation.start(self.channel_layer, turn, frame.content)
+        # The other sockets learn of both new messages before the first chunk.
+        announce = events.frames(
+            protocol.message_frame(turn.user_message), protocol.message_frame(turn.reply), exclude=self.channel_name
+        )
+        await self.channel_layer.group_send(events.group_name(turn.conversation.pk), announce)
+        answer.start(self.channel_layer, turn)
 
     async def _resume(self, reply: Message) -> None:
         """After a replayed send: the reply again from offset 0, then the rest as it streams."""
@@ -211,7 +149,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
                 await self.send_frame(protocol.done_for(final))
 
         if reply.status == Message.Status.STREAMING:
-            await self._with_snapshot(reply, send_text, frozenset())
+            await self.join.start(reply, send_text, frozenset())
         else:
             await send_text(reply.content, reply)
 
@@ -220,7 +158,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         logger.info("stop for reply %s: %s", frame.message_id, "requested" if reply else "already finished")
         if reply is not None and reply.control_channel:
             # The generation's own address reaches it in whichever process runs it.
-            await self.channel_layer.send(reply.control_channel, {"type": "reply.stop", "reply_id": reply.pk})
+            await self.channel_layer.send(reply.control_channel, events.stop_request(reply.pk))
 
     async def regenerate(self, frame: protocol.Regenerate) -> None:
         control = await ControlDispatcher.address(self.channel_layer)
@@ -230,17 +168,21 @@ class ChatConsumer(AsyncWebsocketConsumer):
         await self._subscribe(turn.conversation.pk)
         # Every socket on the conversation, this one included, learns the new reply's id.
         await self.channel_layer.group_send(
-            group_name(turn.conversation.pk),
-            {"type": "chat.frame", "frame": {"type": "message", "message": protocol.message(turn.reply)}},
+            events.group_name(turn.conversation.pk), events.frames(protocol.message_frame(turn.reply))
         )
-        generation.start(self.channel_layer, turn, turn.user_message.content)
+        answer.start(self.channel_layer, turn)
 
     # --- channel-layer events -----------------------------------------------------------------
 
-    async def chat_frame(self, event: dict[str, Any]) -> None:
+    async def chat_frames(self, event: dict[str, Any]) -> None:
         if event.get("exclude") == self.channel_name:
             return
-        if self.held is not None:
-            self.held.append(event["frame"])
-        else:
-            await self.send_frame(event["frame"])
+        for frame in event["frames"]:
+            if self.join.holding:
+                self.join.hold(frame)
+            else:
+                await self.send_frame(frame)
+
+    async def chat_snapshot(self, event: dict[str, Any]) -> None:
+        for frame in await self.join.answered(event):
+            await self.send_frame(frame)

@@ -23,6 +23,8 @@ PROVIDER_ERROR = "provider_error"
 CONTEXT_TOO_LONG = "context_too_long"
 NOT_CONFIGURED = "not_configured"
 INTERNAL_ERROR = "internal_error"
+# A reply whose frames the channel layer would not take (in `done`): the text so far is saved.
+DELIVERY_FAILED = "delivery_failed"
 
 # Close codes.
 CLOSE_TOO_BIG = 1009
@@ -188,6 +190,11 @@ def message(msg: Any) -> dict[str, Any]:
         "model": msg.model,
         "error": {"code": msg.error_code, "message": msg.error_message} if msg.error_code else None,
     }
+
+
+def message_frame(msg: Any) -> dict[str, Any]:
+    """Tells the other sockets of a conversation about a new message (user message, or a reply just begun)."""
+    return {"type": "message", "message": message(msg)}
 
 
 def history(conversation_id: int, title: str, messages: list[dict[str, Any]]) -> dict[str, Any]:

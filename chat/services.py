@@ -171,39 +171,3 @@ def prompt_history(conversation_id: int, user_message_id: int) -> list[dict[str,
         if user_row.pk in latest_reply:
             turns.append({"role": "assistant", "content": latest_reply[user_row.pk].content})
     return turns
-
-
-def flush_reply(reply_id: int, content: str) -> bool:
-    """Save the text so far; False when a stop was requested (through the database)."""
-    updated = Message.objects.filter(pk=reply_id, stop_requested=False).update(
-        content=content, updated_at=timezone.now()
-    )
-    return bool(updated)
-
-
-def finish_reply(
-    reply_id: int,
-    *,
-    status: str,
-    content: str,
-    prompt_tokens: int | None,
-    completion_tokens: int | None,
-    first_token_ms: int | None,
-    latency_ms: int,
-    error_code: str = "",
-    error_message: str = "",
-    sources: list | None = None,
-) -> None:
-    Message.objects.filter(pk=reply_id).update(
-        status=status,
-        content=content,
-        prompt_tokens=prompt_tokens,
-        completion_tokens=completion_tokens,
-        first_token_ms=first_token_ms,
-        latency_ms=latency_ms,
-        error_code=error_code,
-        error_message=error_message,
-        sources=sources or [],
-        control_channel="",
-        updated_at=timezone.now(),
-    )

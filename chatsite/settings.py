@@ -97,9 +97,13 @@ DATABASES["default"].update(CONN_MAX_AGE=60, CONN_HEALTH_CHECKS=True)
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # --- Channel layer --------------------------------------------------------------
-# Chat groups carry a whole reply: raise channels_redis's capacity (100) so a
-# burst never silently drops frames; deltas are coalesced as well.
-CHANNEL_CAPACITY = env_int("CHANNEL_CAPACITY", 1000)
+# channels_redis's pub/sub layer (docs/performance.md has the measurements): one
+# PUBLISH per group_send and no per-channel capacity. The core layer lost most
+# replies at 50 concurrent streams: all of a process's sockets share one Redis
+# list there, so its capacity is shared too, and its group_send costs four round
+# trips. Both are at-most-once; the protocol's offsets let a client notice a gap.
+CHANNEL_LAYER = os.environ.get("CHANNEL_LAYER", "pubsub")
+CHANNEL_CAPACITY = env_int("CHANNEL_CAPACITY", 1000)  # the core layer only
 REDIS_URL = os.environ.get("REDIS_URL", "")
 if not REDIS_URL:
     try:
@@ -107,12 +111,27 @@ if not REDIS_URL:
     except Exception:  # noqa: BLE001 - any failure means: fall back, loudly
         logger.exception("embedded Valkey could not start; falling back to InMemoryChannelLayer (single process only)")
 if REDIS_URL:
-    CHANNEL_LAYERS = {
-        "default": {
-            "BACKEND": "channels_redis.core.RedisChannelLayer",
-            "CONFIG": {"hosts": [REDIS_URL], "capacity": CHANNEL_CAPACITY, "expiry": 60},
-        }
+    _redis_host = {
+        "address": REDIS_URL,
+        # redis-py 8 defaults to 5 s, which the core layer's 5 s BZPOPMIN races (django/channels_redis#422):
+        # idle sockets died with 1011. The pub/sub layer reads with its own 0.1 s timeout; this bounds a
+        # PUBLISH to a Redis that stopped answering (the reply then retries and ends with an error).
+        "socket_timeout": env_float("REDIS_SOCKET_TIMEOUT", 10.0),
+        # The pub/sub layer uses two connections per process (publish, subscribe); the core layer one per
+        # concurrent call. redis-py 8's default cap of 100 ran out under load with the core layer.
+        "max_connections": env_int("REDIS_MAX_CONNECTIONS", 1000),
     }
+    if CHANNEL_LAYER == "core":
+        CHANNEL_LAYERS = {
+            "default": {
+                "BACKEND": "channels_redis.core.RedisChannelLayer",
+                "CONFIG": {"hosts": [_redis_host], "capacity": CHANNEL_CAPACITY, "expiry": 60},
+            }
+        }
+    else:
+        CHANNEL_LAYERS = {
+            "default": {"BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer", "CONFIG": {"hosts": [_redis_host]}}
+        }
 else:
     CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
 

@@ -8,7 +8,8 @@ from channels.layers import channel_layers
 from channels.routing import URLRouter
 from channels.testing import WebsocketCommunicator
 
-from chat import generation
+from chat.replies import running
+from chat.replies.control import ControlDispatcher
 from chat.routing import websocket_urlpatterns
 from tests.llm_server import LLMServer
 from tests.servers import Site
@@ -77,9 +78,9 @@ async def isolated_event_loop_state():
     finish (they outlive sockets) before the test's database goes away."""
     channel_layers.backends.clear()
     yield
-    if generation.RUNNING:
-        await asyncio.wait_for(asyncio.gather(*generation.RUNNING.values(), return_exceptions=True), 30)
-    await generation.ControlDispatcher.shutdown()
+    if running.RUNNING:
+        await asyncio.wait_for(asyncio.gather(*running.RUNNING.values(), return_exceptions=True), 30)
+    await ControlDispatcher.shutdown()
 
 
 @pytest.fixture

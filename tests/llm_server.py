@@ -1,7 +1,9 @@
-"""A small OpenAI-compatible chat server for tests, scripted by the user's message.
+"""A small OpenAI-compatible chat server for tests and benchmarks, scripted by the user's message.
 
 The real ``openai`` client talks to it over HTTP, so the provider code runs for
-real. Directives anywhere in the last user message:
+real. It is asyncio on one thread, so two hundred concurrent streams cost it
+little CPU (the load benchmark shares two cores with it). Directives anywhere
+in the last user message:
 
     [tokens=N]      answer with N tokens "t0 t1 ..." (default: echo the message)
     [delay=S]       wait S seconds before each token
@@ -9,18 +11,21 @@ real. Directives anywhere in the last user message:
     [fail_after=N]  drop the connection after N tokens (mid-stream failure)
     [status=CODE]   answer with this HTTP status and an error body
 
+Token times are scheduled from the request's arrival (token i is due at
+first_delay + (i + 1) * delay), so a busy machine delays tokens without
+stretching the whole reply.
+
 Run it alone with ``python -m tests.llm_server PORT``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
-import socket
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 DIRECTIVE = re.compile(r"\[(\w+)(?:=([\w.]+))?\]")
 
@@ -36,87 +41,138 @@ def plan(messages: list[dict]) -> tuple[list[str], dict[str, str]]:
     return tokens, directives
 
 
-class Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server: LLMServer
-
-    def log_message(self, *args) -> None:  # quiet
-        pass
-
-    def do_GET(self) -> None:
-        self._json(200, {"object": "list", "data": [{"id": "test-model", "object": "model"}]})
-
-    def do_POST(self) -> None:
-        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
-        self.server.requests.append(body)
-        if self.headers.get("Authorization") == "Bearer wrong-key":
-            self._json(401, {"error": {"message": "Incorrect API key provided", "type": "invalid_request_error"}})
-            return
-        tokens, directives = plan(body["messages"])
-        if "status" in directives:
-            self._json(int(directives["status"]), {"error": {"message": "scripted failure", "type": "server_error"}})
-            return
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Transfer-Encoding", "chunked")
-        self.end_headers()
-        delay = float(directives.get("delay", 0))
-        fail_after = int(directives["fail_after"]) if "fail_after" in directives else None
-        time.sleep(float(directives.get("first_delay", 0)))
-        try:
-            for i, token in enumerate(tokens):
-                if fail_after is not None and i == fail_after:
-                    # No terminating chunk: the client sees a broken stream.
-                    self.wfile.flush()
-                    self.connection.shutdown(socket.SHUT_RDWR)
-                    return
-                if delay:
-                    time.sleep(delay)
-                self._event({"choices": [{"index": 0, "delta": {"content": token}, "finish_reason": None}]})
-            self._event({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
-            if (body.get("stream_options") or {}).get("include_usage"):
-                prompt = sum(len(m["content"].split()) for m in body["messages"])
-                self._event({"choices": [], "usage": {"prompt_tokens": prompt, "completion_tokens": len(tokens)}})
-            self._chunk(b"data: [DONE]\n\n")
-            self._chunk(b"")
-        except (BrokenPipeError, ConnectionResetError):
-            self.server.disconnects += 1  # the client hung up: fine
-
-    def _event(self, payload: dict) -> None:
-        payload = {"id": "chatcmpl-test", "object": "chat.completion.chunk", "model": "test-model", **payload}
-        self._chunk(f"data: {json.dumps(payload)}\n\n".encode())
-
-    def _chunk(self, data: bytes) -> None:
-        self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
-        self.wfile.flush()
-
-    def _json(self, status: int, payload: dict) -> None:
-        data = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+def expected_reply(content: str) -> str:
+    """The text the server streams for a user message ``content``."""
+    return "".join(plan([{"role": "user", "content": content}])[0])
 
 
-class LLMServer(ThreadingHTTPServer):
-    daemon_threads = True
+def _event(payload: dict) -> bytes:
+    payload = {"id": "chatcmpl-test", "object": "chat.completion.chunk", "model": "test-model", **payload}
+    data = f"data: {json.dumps(payload)}\n\n".encode()
+    return f"{len(data):x}\r\n".encode() + data + b"\r\n"
+
+
+def _token_event(token: str) -> bytes:
+    return _event({"choices": [{"index": 0, "delta": {"content": token}, "finish_reason": None}]})
+
+
+def _response(status: int, payload: dict) -> bytes:
+    body = json.dumps(payload).encode()
+    head = f"HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    return head.encode() + body
+
+
+class LLMServer:
+    """Serves on 127.0.0.1 from an event loop of its own (in a thread, or the caller's with ``serve``)."""
 
     def __init__(self, port: int = 0) -> None:
-        super().__init__(("127.0.0.1", port), Handler)
+        self.port = port
         self.requests: list[dict] = []
         self.disconnects = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._server: asyncio.Server | None = None
+        self._ready = threading.Event()
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}/v1"
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    async def serve(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._server = await asyncio.start_server(self._connection, "127.0.0.1", self.port, backlog=1024)
+        self.port = self._server.sockets[0].getsockname()[1]
+        self._ready.set()
+        async with self._server:
+            await self._server.serve_forever()
 
     def start(self) -> LLMServer:
-        threading.Thread(target=self.serve_forever, daemon=True).start()
+        self._thread = threading.Thread(target=asyncio.run, args=(self._serve_until_closed(),), daemon=True)
+        self._thread.start()
+        self._ready.wait(10)
         return self
+
+    async def _serve_until_closed(self) -> None:
+        try:
+            await self.serve()
+        except asyncio.CancelledError:
+            pass
+
+    def shutdown(self) -> None:
+        if self._loop and self._server:
+            self._loop.call_soon_threadsafe(self._server.close)
+            self._thread.join(10)
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while await self._request(reader, writer):
+                pass
+        except (ConnectionError, asyncio.IncompleteReadError):
+            self.disconnects += 1  # the client hung up: fine
+        except asyncio.CancelledError:
+            pass  # shutting down: end quietly (asyncio's stream callback logs cancelled handlers)
+        finally:
+            writer.close()
+
+    async def _request(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        """Serve one request on a kept-alive connection; False when the client is gone."""
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+        except asyncio.IncompleteReadError:
+            return False  # the client closed its kept-alive connection
+        lines = head.decode("latin-1").split("\r\n")
+        method = lines[0].split(" ", 1)[0]
+        headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:] if line)}
+        body = await reader.readexactly(int(headers.get("content-length", 0)))
+        if method == "GET":
+            writer.write(_response(200, {"object": "list", "data": [{"id": "test-model", "object": "model"}]}))
+            return True
+        request = json.loads(body)
+        self.requests.append(request)
+        if headers.get("authorization") == "Bearer wrong-key":
+            error = {"error": {"message": "Incorrect API key provided", "type": "invalid_request_error"}}
+            writer.write(_response(401, error))
+            return True
+        tokens, directives = plan(request["messages"])
+        if "status" in directives:
+            error = {"error": {"message": "scripted failure", "type": "server_error"}}
+            writer.write(_response(int(directives["status"]), error))
+            return True
+        await self._stream(writer, request, tokens, directives)
+        return "fail_after" not in directives
+
+    async def _stream(self, writer: asyncio.StreamWriter, request: dict, tokens: list[str], directives: dict) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+        start = time.monotonic()
+        first_delay = float(directives.get("first_delay", 0))
+        delay = float(directives.get("delay", 0))
+        fail_after = int(directives["fail_after"]) if "fail_after" in directives else None
+        for i, token in enumerate(tokens):
+            if fail_after is not None and i == fail_after:
+                # No terminating chunk: the client sees a broken stream.
+                await writer.drain()
+                writer.transport.abort()
+                raise ConnectionResetError
+            wait = start + first_delay + (i + 1) * delay - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            writer.write(_token_event(token))
+            if writer.transport.is_closing():
+                raise ConnectionResetError
+        tail = _event({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+        if (request.get("stream_options") or {}).get("include_usage"):
+            prompt = sum(len(m["content"].split()) for m in request["messages"])
+            tail += _event({"choices": [], "usage": {"prompt_tokens": prompt, "completion_tokens": len(tokens)}})
+        writer.write(tail + b"e\r\ndata: [DONE]\n\n\r\n0\r\n\r\n")
+        await writer.drain()
 
 
 if __name__ == "__main__":
     server = LLMServer(int(sys.argv[1]) if len(sys.argv) > 1 else 0)
-    print(server.base_url, flush=True)
-    server.serve_forever()
+
+    async def main() -> None:
+        task = asyncio.create_task(server.serve())
+        await asyncio.get_running_loop().run_in_executor(None, server._ready.wait)
+        print(server.base_url, flush=True)
+        await task
+
+    asyncio.run(main())

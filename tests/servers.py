@@ -115,13 +115,13 @@ class Site:
         return "\n".join(path.read_text()[-4000:] for path in sorted(self.var.glob("daphne-*.log")))
 
 
-def login(port: int) -> str:
+def login(port: int, username: str = USERNAME, password: str = PASSWORD) -> str:
     """Log in through the HTML form, as a browser does; return the Cookie header."""
     jar = http.cookiejar.CookieJar()
     opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
     page = opener.open(f"http://127.0.0.1:{port}/accounts/login/").read().decode()
     token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page).group(1)
-    form = urllib.parse.urlencode({"username": USERNAME, "password": PASSWORD, "csrfmiddlewaretoken": token}).encode()
+    form = urllib.parse.urlencode({"username": username, "password": password, "csrfmiddlewaretoken": token}).encode()
     opener.open(f"http://127.0.0.1:{port}/accounts/login/", form)
     if "sessionid" not in {c.name for c in jar}:
         raise RuntimeError("login failed: no sessionid cookie")

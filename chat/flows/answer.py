@@ -1,11 +1,15 @@
 """The answering flow, one run per reply:
 
-    LoadHistory -> BuildPrompt -> StreamAnswer -> Persist
-                       \\--- "error" (e.g. question too long) ---> Persist
+    Prepare -> LoadHistory -> BuildPrompt -> StreamAnswer -> Persist
+       \\--------- "error" ---------\\--- "error" -------------->/
 
-Retrieval nodes (RewriteQuery, Retrieve, Rerank, SelectContext) slot in
-between LoadHistory and BuildPrompt. The shared store holds the ids of the
-turn, the ``ReplyStream`` that publishes it, and each node's result.
+Prepare gets the provider and starts the reply's row heartbeat and control
+registration; Persist is the one place a reply ends (last text published,
+final row written, `done` sent), whatever happened before it. Retrieval nodes
+(RewriteQuery, Retrieve, Rerank, SelectContext) slot in between LoadHistory
+and BuildPrompt. The shared store (``new_store``) holds the turn's ids, the
+``ReplyStream`` that publishes it, the ``ReplyRow`` that saves it, and each
+node's result.
 """
 
 from __future__ import annotations
@@ -13,28 +17,60 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
 from typing import Any
 
+from channels.layers import BaseChannelLayer
 from pocketflow import AsyncFlow, AsyncNode
 
 from chat import protocol, services
-from chat.generation import db
 from chat.llm import ProviderError, Status, Usage, get_provider
 from chat.llm.context import fit_prompt
 from chat.models import Message
+from chat.replies import control, running
+from chat.replies.row import Outcome, ReplyRow, db
+from chat.replies.stream import DeliveryError, ReplyStream
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class Outcome:
-    status: str
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    first_token_ms: int | None = None
-    error_code: str = ""
-    error_message: str = ""
+def new_store(turn: services.Turn, stream: ReplyStream) -> dict[str, Any]:
+    """The shared store of one run: what every node reads and writes."""
+    return {
+        "conversation_id": turn.conversation.pk,
+        "user_message_id": turn.user_message.pk,
+        "reply_id": turn.reply.pk,
+        "question": turn.user_message.content,
+        "stream": stream,
+        "row": ReplyRow(turn.reply.pk),
+        "started": time.monotonic(),
+    }
+
+
+def _error(exc: ProviderError) -> Outcome:
+    return Outcome(Message.Status.ERROR, error_code=exc.code, error_message=exc.message)
+
+
+class Prepare(AsyncNode):
+    """The provider, and the reply made reachable: saved on a heartbeat, stoppable from any process."""
+
+    async def prep_async(self, shared: dict[str, Any]) -> tuple[ReplyStream, ReplyRow]:
+        return shared["stream"], shared["row"]
+
+    async def exec_async(self, prep_res: tuple[ReplyStream, ReplyRow]) -> Any:
+        stream, row = prep_res
+        control.register(stream)
+        row.start(lambda: stream.text, stream.stop_event.set)
+        try:
+            return get_provider()
+        except ProviderError as exc:
+            return exc
+
+    async def post_async(self, shared: dict[str, Any], prep_res: Any, provider: Any) -> str | None:
+        if isinstance(provider, ProviderError):
+            shared["outcome"] = _error(provider)
+            return "error"
+        shared["provider"] = provider
+        return None
 
 
 class LoadHistory(AsyncNode):
@@ -50,8 +86,7 @@ class LoadHistory(AsyncNode):
 
 class BuildPrompt(AsyncNode):
     async def prep_async(self, shared: dict[str, Any]) -> tuple:
-        provider = shared["provider"]
-        return provider, shared["history"], shared["question"]
+        return shared["provider"], shared["history"], shared["question"]
 
     async def exec_async(self, prep_res: tuple) -> list[dict[str, str]] | ProviderError:
         provider, history, question = prep_res
@@ -63,7 +98,7 @@ class BuildPrompt(AsyncNode):
 
     async def post_async(self, shared: dict[str, Any], prep_res: Any, result: Any) -> str | None:
         if isinstance(result, ProviderError):
-            shared["outcome"] = Outcome(Message.Status.ERROR, error_code=result.code, error_message=result.message)
+            shared["outcome"] = _error(result)
             return "error"
         shared["prompt"] = result
         return None
@@ -73,11 +108,10 @@ class StreamAnswer(AsyncNode):
     """Streams the model's answer through the ReplyStream until it ends, fails or is stopped."""
 
     async def prep_async(self, shared: dict[str, Any]) -> tuple:
-        return shared["provider"], shared["prompt"], shared["stream"]
+        return shared["provider"], shared["prompt"], shared["stream"], shared["started"]
 
     async def exec_async(self, prep_res: tuple) -> Outcome:
-        provider, prompt, stream = prep_res
-        started = time.monotonic()
+        provider, prompt, stream, started = prep_res
         outcome = Outcome(Message.Status.COMPLETE, completion_tokens=0)
         deltas = 0
 
@@ -117,8 +151,12 @@ class StreamAnswer(AsyncNode):
             if isinstance(exc, ProviderError):
                 outcome.status = Message.Status.ERROR
                 outcome.error_code, outcome.error_message = exc.code, exc.message
-            elif exc is not None:
+            elif exc is not None and not isinstance(exc, DeliveryError):
                 raise exc
+        if stream.failed is not None:
+            outcome.status = Message.Status.ERROR
+            outcome.error_code = protocol.DELIVERY_FAILED
+            outcome.error_message = "The reply could not be delivered live; reload to see the text saved so far."
         if not outcome.completion_tokens:
             outcome.completion_tokens = deltas
         return outcome
@@ -128,25 +166,17 @@ class StreamAnswer(AsyncNode):
 
 
 class Persist(AsyncNode):
-    """Publishes the last text, saves the final row and tells every socket `done`."""
+    """Where every reply ends: the last text published, the final row written, `done` sent to every socket."""
 
     async def prep_async(self, shared: dict[str, Any]) -> tuple:
-        return shared["stream"], shared["outcome"], shared["started"]
+        shared["persisting"] = True
+        return shared["stream"], shared["row"], shared["outcome"], shared["started"]
 
     async def exec_async(self, prep_res: tuple) -> dict[str, Any]:
-        stream, outcome, started = prep_res
+        stream, row, outcome, started = prep_res
         await stream.close()
-        await db(services.finish_reply)(
-            stream.reply_id,
-            status=outcome.status,
-            content=stream.text,
-            prompt_tokens=outcome.prompt_tokens,
-            completion_tokens=outcome.completion_tokens,
-            first_token_ms=outcome.first_token_ms,
-            latency_ms=int((time.monotonic() - started) * 1000),
-            error_code=outcome.error_code,
-            error_message=outcome.error_message,
-        )
+        control.unregister(stream)
+        await row.finish(outcome, stream.text, int((time.monotonic() - started) * 1000))
         frame = protocol.done(
             stream.reply_id,
             outcome.status,
@@ -155,37 +185,42 @@ class Persist(AsyncNode):
             outcome.error_code,
             outcome.error_message,
         )
-        await stream.send(frame)
+        try:
+            await stream.send(frame)
+        except DeliveryError:
+            # The row is final: a socket that re-opens the conversation sees the outcome.
+            logger.exception("reply %s ended as %s but `done` could not be published", stream.reply_id, outcome.status)
         return frame
 
 
 def answer_flow() -> AsyncFlow:
-    load, build, answer, persist = LoadHistory(), BuildPrompt(), StreamAnswer(), Persist()
-    load >> build >> answer >> persist
+    prepare, load, build, answer, persist = Prepare(), LoadHistory(), BuildPrompt(), StreamAnswer(), Persist()
+    prepare >> load >> build >> answer >> persist
+    prepare - "error" >> persist
     build - "error" >> persist
-    return AsyncFlow(start=load)
+    return AsyncFlow(start=prepare)
 
 
 async def run_answer(shared: dict[str, Any]) -> None:
     """Run the flow for one reply; whatever happens, the row ends in a final status and sockets get `done`."""
-    stream = shared["stream"]
-    shared["started"] = time.monotonic()
-    stream.start()
     try:
-        try:
-            shared["provider"] = get_provider()
-        except ProviderError as exc:
-            shared["outcome"] = Outcome(Message.Status.ERROR, error_code=exc.code, error_message=exc.message)
-            await Persist().run_async(shared)
-            return
         await answer_flow().run_async(shared)
     except Exception:
-        logger.exception("reply %s failed", stream.reply_id)
+        logger.exception("reply %s failed", shared["reply_id"])
+        if shared.get("persisting"):
+            return  # Persist itself failed (the database is down?): the row goes stale, then `interrupted`
         shared["outcome"] = Outcome(
             Message.Status.ERROR,
             error_code=protocol.INTERNAL_ERROR,
             error_message="The server failed to write this reply.",
         )
-        await Persist().run_async(shared)
-    finally:
-        await stream.close()
+        try:
+            await Persist().run_async(shared)
+        except Exception:
+            logger.exception("reply %s could not be saved", shared["reply_id"])
+
+
+def start(layer: BaseChannelLayer, turn: services.Turn) -> asyncio.Task:
+    """Start the answering flow for ``turn.reply`` as a task of this process."""
+    stream = ReplyStream(layer, turn.conversation.pk, turn.reply.pk)
+    return running.spawn(turn.reply.pk, run_answer(new_store(turn, stream)))

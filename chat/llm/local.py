@@ -54,9 +54,6 @@ class Job:
     #: Hands an event to the asking event loop (thread-safe).
     put: Callable[[Any], None]
     cancel: threading.Event = field(default_factory=threading.Event)
-    cancelled_at: float | None = None
-    #: When the worker noticed the cancel and stopped making tokens.
-    halted_at: float | None = None
 
 
 class LocalProvider:
@@ -80,7 +77,6 @@ class LocalProvider:
         self._tokenizer: Any = None
         self._tokenizer_lock = threading.RLock()
         self._formatter: Any = None
-        self.last_job: Job | None = None
         # Free the model before the interpreter tears llama_cpp down (else __del__ fails noisily at exit).
         atexit.register(self.close)
 
@@ -172,7 +168,6 @@ class LocalProvider:
                 )
             self._waiting.append(job)
             ahead = len(self._waiting) - 1 + (self._running is not None)
-        self.last_job = job
         try:
             if not self._loaded.is_set():
                 self.warm_up()
@@ -190,9 +185,7 @@ class LocalProvider:
                 yield item
         finally:
             # Stopped, failed or done: either way the worker makes no more tokens for this job.
-            if not job.cancel.is_set():
-                job.cancelled_at = time.monotonic()
-                job.cancel.set()
+            job.cancel.set()
             with self._waiting_lock:
                 if job in self._waiting:
                     self._waiting.remove(job)
@@ -227,7 +220,6 @@ class LocalProvider:
             try:
                 for piece in pieces:
                     if job.cancel.is_set():
-                        job.halted_at = time.monotonic()
                         break
                     choice = piece["choices"][0]
                     # One piece per token, plus a last empty one that only carries finish_reason.

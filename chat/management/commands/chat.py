@@ -7,9 +7,9 @@ from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError
 
 from chat import services
-from chat.flows.answer import run_answer
-from chat.generation import ReplyStream
+from chat.flows.answer import new_store, run_answer
 from chat.llm import ProviderError, get_provider
+from chat.replies.stream import ReplyStream
 
 
 class TerminalStream(ReplyStream):
@@ -23,7 +23,11 @@ class TerminalStream(ReplyStream):
         self.pending += delta
         await self.publish()  # no coalescing: the terminal wants every token
 
-    async def send(self, frame: dict[str, Any], exclude: str | None = None) -> None:
+    async def send(self, *frames: dict[str, Any]) -> None:
+        for frame in frames:
+            self.show(frame)
+
+    def show(self, frame: dict[str, Any]) -> None:
         if frame["type"] == "chunk":
             self.out.write(frame["delta"])
             self.out.flush()
@@ -64,13 +68,6 @@ class Command(BaseCommand):
         except ProviderError:
             model_name = ""
         turn = await asyncio.to_thread(services.begin_turn, owner, None, str(uuid.uuid4()), message, model_name, "")
-        stream = TerminalStream(turn.reply.pk, sys.stdout, sys.stderr)
-        shared = {
-            "conversation_id": turn.conversation.pk,
-            "user_message_id": turn.user_message.pk,
-            "reply_id": turn.reply.pk,
-            "question": message,
-            "stream": stream,
-        }
+        shared = new_store(turn, TerminalStream(turn.reply.pk, sys.stdout, sys.stderr))
         await run_answer(shared)
         return shared["outcome"].status
