@@ -31,6 +31,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -325,6 +326,7 @@ async def sweep(args: argparse.Namespace) -> list[Point]:
     expected = expected_reply(content)
     points: list[Point] = []
     var = Path(tempfile.mkdtemp(prefix="bench-load-"))
+    (var / "stack").mkdir()
     with Mock() as mock, FastAPIProxy(mock.base_url, var) as proxy:
         env = {
             "OPENAI_BASE_URL": mock.base_url,
@@ -343,9 +345,10 @@ async def sweep(args: argparse.Namespace) -> list[Point]:
             for n in args.points:
                 for system in args.systems:
                     if system == "floor":
-                        started = time.monotonic()
+                        started, cpu = time.monotonic(), time.process_time()
                         streams = await run_floor(mock.base_url, n, content, args.timeout)
                         point = Point("floor", n, streams, expected, time.monotonic() - started)
+                        point.cpu_s = time.process_time() - cpu  # this process: the openai client alone
                     elif system == "fastapi":
                         started = time.monotonic()
                         url = f"ws://127.0.0.1:{proxy.port}/ws/chat/"
@@ -354,15 +357,45 @@ async def sweep(args: argparse.Namespace) -> list[Point]:
                         point = Point("fastapi", n, streams, expected, time.monotonic() - started)
                         point.cpu_s, point.rss_before, point.rss_peak = watch.cpu, watch.rss_before, watch.peak
                     else:
+                        profilers = [profile(pid, args.profile, f"site-{n}-{i}") for i, pid in enumerate(
+                            p.pid for p in site.servers)] if args.profile else []  # fmt: skip
                         point = await measure_site(site, cookies, n, content, args.timeout)
+                        for profiler in profilers:
+                            profiler.send_signal(signal.SIGINT)
+                            profiler.wait(30)
                     points.append(point)
                     print(row(point), flush=True)
+                    if args.verbose and point.redis_by_command:
+                        print("      redis commands:", point.redis_by_command, flush=True)
                     await asyncio.sleep(args.pause)
             if args.queries:
                 print(await count_queries(site, cookies[0]), flush=True)
             if args.keep_logs:
                 print(site.logs())
     return points
+
+
+def profile(pid: int, directory: str, name: str) -> subprocess.Popen:
+    """py-spy samples a server process while a point runs (collapsed stacks, for bench/profile_top.py)."""
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "py-spy"),
+            "record",
+            "--pid",
+            str(pid),
+            "--gil",
+            "--nonblocking",
+            "--format",
+            "raw",
+            "--rate",
+            "100",
+            "-o",
+            f"{directory}/{name}.txt",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 # --- SQL statements per turn ------------------------------------------------------
@@ -423,7 +456,7 @@ async def count_queries(site: Site, cookie: str) -> str:
 HEADER = (
     f"{'N':>4} {'system':<8} {'complete':>9} {'TTFC p50':>9} {'p99':>7} {'gap p50':>8} {'p99':>6} {'max':>6} "
     f"{'total p50':>9} {'p99':>6} {'chars recv/sent':>17} {'CPU s':>6} {'ms/reply':>8} {'RSS MiB':>8} "
-    f"{'KiB/strm':>8} {'redis/reply':>11}  errors"
+    f"{'KiB/strm':>8} {'redis/reply':>11} {'chunks':>7}  errors"
 )
 
 
@@ -446,12 +479,13 @@ def row(p: Point) -> str:
     rss = f"{p.rss_peak / 2**20:.0f}" if p.rss_peak else "-"
     per_stream = f"{(p.rss_peak - p.rss_before) / p.n / 1024:.0f}" if p.rss_peak else "-"
     redis_per = f"{p.redis_calls / p.n:.1f}" if p.redis_calls is not None else "-"
+    chunks = f"{sum(len(s.chunk_times) for s in p.streams) / p.n:.1f}"
     errors = ", ".join(f"{k}×{v}" for k, v in sorted(p.errors().items())) or "none"
     return (
         f"{p.n:>4} {p.system:<8} {p.complete():>4}/{p.n:<4} {ms(pct(ttfc, 50)):>9} {ms(pct(ttfc, 99)):>7} "
         f"{ms(pct(gaps, 50)):>8} {ms(pct(gaps, 99)):>6} {ms(max(gaps) if gaps else None):>6} "
         f"{secs(pct(total, 50)):>9} {secs(pct(total, 99)):>6} {received:>8}/{sent:<8} {cpu:>6} {per_reply:>8} "
-        f"{rss:>8} {per_stream:>8} {redis_per:>11}  {errors}"
+        f"{rss:>8} {per_stream:>8} {redis_per:>11} {chunks:>7}  {errors}"
     )
 
 
@@ -509,6 +543,8 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=120, help="per-point time-out in seconds")
     parser.add_argument("--pause", type=float, default=1.0, help="seconds between points")
     parser.add_argument("--queries", action="store_true", help="also count SQL statements per turn")
+    parser.add_argument("--profile", metavar="DIR", help="py-spy the daphne processes during site points into DIR")
+    parser.add_argument("--verbose", action="store_true", help="print each site point's Redis commands")
     parser.add_argument("--keep-logs", action="store_true", help="print the daphne logs at the end")
     args = parser.parse_args()
     args.points = [int(x) for x in args.points.split(",")]

@@ -6,7 +6,6 @@ import json
 import logging
 from typing import Any
 
-from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
@@ -18,6 +17,7 @@ from chat.protocol import ProtocolError
 from chat.replies import events
 from chat.replies.control import ControlDispatcher
 from chat.replies.join import Join
+from chat.services import db
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         session = self.scope.get("session")
         if session is None or session.session_key is None:
             return True  # not a cookie session (tests, the terminal): authenticated at connect
-        return await database_sync_to_async(session.exists)(session.session_key)
+        return await db(session.exists)(session.session_key)
 
     async def send_frame(self, frame: dict[str, Any]) -> None:
         await self.send(text_data=json.dumps(frame))
@@ -98,9 +98,9 @@ class ChatConsumer(AsyncWebsocketConsumer):
     # --- client frames ------------------------------------------------------------------
 
     async def open(self, frame: protocol.Open) -> None:
-        conversation = await database_sync_to_async(services.get_conversation)(self.user, frame.conversation_id)
+        conversation = await db(services.get_conversation)(self.user, frame.conversation_id)
         await self._subscribe(conversation.pk)
-        rows = await database_sync_to_async(services.conversation_messages)(conversation)
+        rows = await db(services.conversation_messages)(conversation)
         payloads = [protocol.message(row) for row in rows]
 
         async def send_history(text: str = "", final: Message | None = None, index: int = -1) -> None:
@@ -125,7 +125,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
     async def send_message(self, frame: protocol.Send) -> None:
         control = await ControlDispatcher.address(self.channel_layer)
-        turn = await database_sync_to_async(services.begin_turn)(
+        turn = await db(services.begin_turn)(
             self.user, frame.conversation_id, frame.client_id, frame.content, self._model_name(), control
         )
         await self._subscribe(turn.conversation.pk)
@@ -154,7 +154,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
             await send_text(reply.content, reply)
 
     async def stop(self, frame: protocol.Stop) -> None:
-        reply = await database_sync_to_async(services.request_stop)(self.user, frame.message_id)
+        reply = await db(services.request_stop)(self.user, frame.message_id)
         logger.info("stop for reply %s: %s", frame.message_id, "requested" if reply else "already finished")
         if reply is not None and reply.control_channel:
             # The generation's own address reaches it in whichever process runs it.
@@ -162,9 +162,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
     async def regenerate(self, frame: protocol.Regenerate) -> None:
         control = await ControlDispatcher.address(self.channel_layer)
-        turn = await database_sync_to_async(services.begin_regenerate)(
-            self.user, frame.message_id, self._model_name(), control
-        )
+        turn = await db(services.begin_regenerate)(self.user, frame.message_id, self._model_name(), control)
         await self._subscribe(turn.conversation.pk)
         # Every socket on the conversation, this one included, learns the new reply's id.
         await self.channel_layer.group_send(

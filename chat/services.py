@@ -1,4 +1,4 @@
-"""Database operations of a chat turn (synchronous; callers wrap them for async).
+"""Database operations of a chat turn (synchronous; async callers run them through ``db``).
 
 Every lookup takes the user and filters by owner, so a conversation or message
 that is not yours is "not found", exactly like one that does not exist.
@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import timedelta
 
+from channels.db import database_sync_to_async
 from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.utils import timezone
@@ -18,6 +19,17 @@ from chat.models import Conversation, Message
 from chat.protocol import ProtocolError
 
 TITLE_CHARS = 80
+
+
+def db(fn):
+    """``fn`` as a coroutine function, run on the event loop's thread pool.
+
+    Not channels' default single "thread-sensitive" thread: that one thread
+    serialised every socket's queries, and at 200 concurrent turns their
+    starts queued behind each other for seconds. Connections are checked
+    (close_old_connections) around each call, as channels does.
+    """
+    return database_sync_to_async(fn, thread_sensitive=False)
 
 
 @dataclass

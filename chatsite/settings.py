@@ -93,7 +93,10 @@ if os.environ.get("DATABASE_URL"):
     DATABASES = {"default": dj_database_url.parse(os.environ["DATABASE_URL"])}
 else:
     DATABASES = {"default": embedded.postgres(VAR_DIR)}
-DATABASES["default"].update(CONN_MAX_AGE=60, CONN_HEALTH_CHECKS=True)
+# No health checks: they cost a `SELECT 1` on the first query after every
+# close_old_connections(), which the async code calls around each database hop.
+# A connection that fails is still replaced (Django checks it after an error).
+DATABASES["default"].update(CONN_MAX_AGE=60, CONN_HEALTH_CHECKS=False)
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # --- Channel layer --------------------------------------------------------------
@@ -130,7 +133,10 @@ if REDIS_URL:
         }
     else:
         CHANNEL_LAYERS = {
-            "default": {"BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer", "CONFIG": {"hosts": [_redis_host]}}
+            "default": {
+                "BACKEND": "chatsite.channel_layer.PipelinedPubSubChannelLayer",
+                "CONFIG": {"hosts": [_redis_host]},
+            }
         }
 else:
     CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}

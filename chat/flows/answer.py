@@ -27,8 +27,9 @@ from chat.llm import ProviderError, Status, Usage, get_provider
 from chat.llm.context import fit_prompt
 from chat.models import Message
 from chat.replies import control, running
-from chat.replies.row import Outcome, ReplyRow, db
+from chat.replies.row import Outcome, ReplyRow
 from chat.replies.stream import DeliveryError, ReplyStream
+from chat.services import db
 
 logger = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from channels.layers import BaseChannelLayer
 from chat import protocol
 from chat.models import Message
 from chat.replies import events
-from chat.replies.row import db
+from chat.services import db
 
 # How long a joining socket waits for a running generation to tell its text so far.
 SNAPSHOT_TIMEOUT = 2.0

@@ -59,24 +59,32 @@ class ReplyStream:
                 await asyncio.sleep(pause)
 
     async def emit(self, delta: str) -> None:
-        """Add model output; it is published within CHAT_COALESCE_SECONDS."""
+        """Add model output; it is published within CHAT_COALESCE_SECONDS.
+
+        Never waits for the channel layer: the model's stream keeps being read
+        while a publish is in flight, and what arrives meanwhile goes out
+        together in the next one (under load, chunks grow instead of queueing).
+        """
         self.pending += delta
-        if self._timer is not None:
-            return
-        wait = self._last_publish + settings.CHAT_COALESCE_SECONDS - time.monotonic()
-        if wait <= 0:
-            # Shielded: a stop cancels the model's side, never a chunk half-way into the channel layer.
-            await asyncio.shield(self.publish())
-        else:
-            self._timer = asyncio.create_task(self._publish_after(wait))
+        if self._timer is None:
+            self._schedule()
+
+    def _schedule(self) -> None:
+        wait = max(0.0, self._last_publish + settings.CHAT_COALESCE_SECONDS - time.monotonic())
+        self._timer = asyncio.create_task(self._publish_after(wait))
 
     async def _publish_after(self, wait: float) -> None:
-        await asyncio.sleep(wait)
-        self._timer = None  # from here on close() waits for this publish instead of cancelling it
+        if wait:
+            await asyncio.sleep(wait)
         try:
-            await self.publish()
+            # Shielded: close() may cancel the wait above, never a chunk half-way into the channel layer.
+            await asyncio.shield(self.publish())
         except DeliveryError:
-            pass  # recorded in self.failed; the reply is being stopped
+            return  # recorded in self.failed; the reply is being stopped
+        finally:
+            self._timer = None
+        if self.pending:
+            self._schedule()
 
     async def publish(self) -> None:
         async with self._lock:
@@ -118,7 +126,8 @@ class ReplyStream:
     async def close(self) -> None:
         """Publish what is pending and end the helper tasks."""
         if self._timer is not None:
-            self._timer.cancel()
+            self._timer.cancel()  # a publish it started runs on, shielded; ours below waits for its lock
+            await asyncio.gather(self._timer, return_exceptions=True)
             self._timer = None
         try:
             await self.publish()
