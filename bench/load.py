@@ -140,6 +140,16 @@ class Watch:
 # --- the three systems ------------------------------------------------------------
 
 
+async def repeated(run, n: int, repeats: int, *args) -> list[Stream]:
+    """At N = 1 one stream is noise: run it ``repeats`` times, one after another, and pool the streams."""
+    if n != 1:
+        return await run(*args)
+    streams = []
+    for _ in range(repeats):
+        streams += await run(*args)
+    return streams
+
+
 async def run_floor(base_url: str, n: int, content: str, timeout: float) -> list[Stream]:
     client = openai.AsyncOpenAI(base_url=base_url, api_key="not-needed", max_retries=0)
     go = asyncio.Event()
@@ -290,14 +300,14 @@ def redis_stats(url: str) -> dict[str, int]:
     return {key.removeprefix("cmdstat_"): value["calls"] for key, value in stats.items()}
 
 
-async def measure_site(site: Site, cookies: list[str], n: int, content: str, timeout: float) -> Point:
+async def measure_site(site: Site, cookies: list[str], n: int, content: str, timeout: float, repeats: int) -> Point:
     port = site.ports[0]
     before = redis_stats(site.env["REDIS_URL"])
     started = time.monotonic()
     if len(site.ports) == 1:
         url, origin = f"ws://127.0.0.1:{port}/ws/chat/", f"http://127.0.0.1:{port}"
         async with Watch([p.pid for p in site.servers]) as watch:
-            streams = await run_sockets(url, origin, cookies, n, content, timeout, site=True)
+            streams = await repeated(run_sockets, n, repeats, url, origin, cookies, n, content, timeout, True)
     else:
         # Split the clients across the processes.
         async with Watch([p.pid for p in site.servers]) as watch:
@@ -346,20 +356,22 @@ async def sweep(args: argparse.Namespace) -> list[Point]:
                 for system in args.systems:
                     if system == "floor":
                         started, cpu = time.monotonic(), time.process_time()
-                        streams = await run_floor(mock.base_url, n, content, args.timeout)
+                        streams = await repeated(run_floor, n, args.repeats, mock.base_url, n, content, args.timeout)
                         point = Point("floor", n, streams, expected, time.monotonic() - started)
                         point.cpu_s = time.process_time() - cpu  # this process: the openai client alone
                     elif system == "fastapi":
                         started = time.monotonic()
                         url = f"ws://127.0.0.1:{proxy.port}/ws/chat/"
                         async with Watch([proxy.proc.pid]) as watch:
-                            streams = await run_sockets(url, None, [], n, content, args.timeout, site=False)
+                            streams = await repeated(
+                                run_sockets, n, args.repeats, url, None, [], n, content, args.timeout, False
+                            )
                         point = Point("fastapi", n, streams, expected, time.monotonic() - started)
                         point.cpu_s, point.rss_before, point.rss_peak = watch.cpu, watch.rss_before, watch.peak
                     else:
                         profilers = [profile(pid, args.profile, f"site-{n}-{i}") for i, pid in enumerate(
                             p.pid for p in site.servers)] if args.profile else []  # fmt: skip
-                        point = await measure_site(site, cookies, n, content, args.timeout)
+                        point = await measure_site(site, cookies, n, content, args.timeout, args.repeats)
                         for profiler in profilers:
                             profiler.send_signal(signal.SIGINT)
                             profiler.wait(30)
@@ -473,16 +485,17 @@ def row(p: Point) -> str:
     gaps = [b - a for s in p.streams for a, b in zip(s.chunk_times, s.chunk_times[1:], strict=False)]
     total = [s.done_at - s.sent_at for s in p.streams if s.done_at]
     received = sum(len(s.text) for s in p.streams)
-    sent = len(p.expected) * p.n
+    replies = len(p.streams)  # N, or the repeats at N = 1
+    sent = len(p.expected) * replies
     cpu = f"{p.cpu_s:.2f}" if p.cpu_s is not None else "-"
-    per_reply = f"{p.cpu_s / p.n * 1000:.1f}" if p.cpu_s is not None else "-"
+    per_reply = f"{p.cpu_s / replies * 1000:.1f}" if p.cpu_s is not None else "-"
     rss = f"{p.rss_peak / 2**20:.0f}" if p.rss_peak else "-"
     per_stream = f"{(p.rss_peak - p.rss_before) / p.n / 1024:.0f}" if p.rss_peak else "-"
-    redis_per = f"{p.redis_calls / p.n:.1f}" if p.redis_calls is not None else "-"
-    chunks = f"{sum(len(s.chunk_times) for s in p.streams) / p.n:.1f}"
+    redis_per = f"{p.redis_calls / replies:.1f}" if p.redis_calls is not None else "-"
+    chunks = f"{sum(len(s.chunk_times) for s in p.streams) / replies:.1f}"
     errors = ", ".join(f"{k}×{v}" for k, v in sorted(p.errors().items())) or "none"
     return (
-        f"{p.n:>4} {p.system:<8} {p.complete():>4}/{p.n:<4} {ms(pct(ttfc, 50)):>9} {ms(pct(ttfc, 99)):>7} "
+        f"{p.n:>4} {p.system:<8} {p.complete():>4}/{replies:<4} {ms(pct(ttfc, 50)):>9} {ms(pct(ttfc, 99)):>7} "
         f"{ms(pct(gaps, 50)):>8} {ms(pct(gaps, 99)):>6} {ms(max(gaps) if gaps else None):>6} "
         f"{secs(pct(total, 50)):>9} {secs(pct(total, 99)):>6} {received:>8}/{sent:<8} {cpu:>6} {per_reply:>8} "
         f"{rss:>8} {per_stream:>8} {redis_per:>11} {chunks:>7}  {errors}"
@@ -497,8 +510,8 @@ def verdict(points: list[Point]) -> list[str]:
         site, floor, proxy = by.get(("site", n)), by.get(("floor", n)), by.get(("fastapi", n))
         if site is None:
             continue
-        whole = site.complete() == n
-        lines.append(f"N={n}: site replies whole {site.complete()}/{n} {'ok' if whole else 'FAIL'}")
+        whole = site.complete() == len(site.streams)
+        lines.append(f"N={n}: site replies whole {site.complete()}/{len(site.streams)} {'ok' if whole else 'FAIL'}")
         if floor is None:
             continue
 
@@ -540,6 +553,7 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=200, help="tokens per reply (default 200)")
     parser.add_argument("--first-delay", type=float, default=0.04, help="mock's wait before the first token's slot")
     parser.add_argument("--delay", type=float, default=0.01, help="mock's time between tokens (default 10 ms)")
+    parser.add_argument("--repeats", type=int, default=7, help="at N = 1, streams run one after another")
     parser.add_argument("--timeout", type=float, default=120, help="per-point time-out in seconds")
     parser.add_argument("--pause", type=float, default=1.0, help="seconds between points")
     parser.add_argument("--queries", action="store_true", help="also count SQL statements per turn")
@@ -563,7 +577,7 @@ def main() -> int:
     print()
     for line in verdict(points):
         print(line)
-    return 0 if all(p.complete() == p.n for p in points) else 1
+    return 0 if all(p.complete() == len(p.streams) for p in points) else 1
 
 
 if __name__ == "__main__":

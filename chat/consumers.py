@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
@@ -20,6 +21,11 @@ from chat.replies.join import Join
 from chat.services import db
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class LoggedOut(Exception):
+    """The socket's session no longer exists: it is closed with 4401."""
 
 
 class ChatConsumer(AsyncWebsocketConsumer):
@@ -51,9 +57,6 @@ class ChatConsumer(AsyncWebsocketConsumer):
             return
         try:
             frame = protocol.parse(text_data, size)
-            if not await self._still_logged_in():
-                await self.close(code=protocol.CLOSE_UNAUTHENTICATED)
-                return
             if isinstance(frame, protocol.Open):
                 await self.open(frame)
             elif isinstance(frame, protocol.Send):
@@ -64,18 +67,30 @@ class ChatConsumer(AsyncWebsocketConsumer):
                 await self.regenerate(frame)
         except ProtocolError as exc:
             await self.send_frame(exc.frame())
+        except LoggedOut:
+            await self.close(code=protocol.CLOSE_UNAUTHENTICATED)
         except Exception:  # noqa: BLE001 - one bad frame must not take the socket down
             logger.exception("failed to handle a frame from user %s", self.user.pk)
             await self.send_frame(
                 protocol.error(protocol.INTERNAL_ERROR, "The server failed to handle that; try again.")
             )
 
-    async def _still_logged_in(self) -> bool:
-        """False once the session is gone (logged out in another tab, expired)."""
-        session = self.scope.get("session")
-        if session is None or session.session_key is None:
-            return True  # not a cookie session (tests, the terminal): authenticated at connect
-        return await db(session.exists)(session.session_key)
+    def as_user(self, fn: Callable[..., T]) -> Callable[..., Awaitable[T]]:
+        """``fn`` run on the database thread pool after checking, in the same hop, that the session still exists.
+
+        Every frame's handling starts with one of these, so a socket whose
+        session is gone (logged out in another tab, expired) is closed at its
+        next frame, at no extra database round trip.
+        """
+        session = self.scope["session"]
+        key = session.session_key
+
+        def checked(*args: Any) -> T:
+            if key is None or not session.exists(key):
+                raise LoggedOut
+            return fn(*args)
+
+        return db(checked)
 
     async def send_frame(self, frame: dict[str, Any]) -> None:
         await self.send(text_data=json.dumps(frame))
@@ -98,9 +113,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
     # --- client frames ------------------------------------------------------------------
 
     async def open(self, frame: protocol.Open) -> None:
-        conversation = await db(services.get_conversation)(self.user, frame.conversation_id)
+        conversation, rows = await self.as_user(services.open_conversation)(self.user, frame.conversation_id)
         await self._subscribe(conversation.pk)
-        rows = await db(services.conversation_messages)(conversation)
         payloads = [protocol.message(row) for row in rows]
 
         async def send_history(text: str = "", final: Message | None = None, index: int = -1) -> None:
@@ -125,7 +139,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
     async def send_message(self, frame: protocol.Send) -> None:
         control = await ControlDispatcher.address(self.channel_layer)
-        turn = await db(services.begin_turn)(
+        turn = await self.as_user(services.begin_turn)(
             self.user, frame.conversation_id, frame.client_id, frame.content, self._model_name(), control
         )
         await self._subscribe(turn.conversation.pk)
@@ -154,7 +168,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
             await send_text(reply.content, reply)
 
     async def stop(self, frame: protocol.Stop) -> None:
-        reply = await db(services.request_stop)(self.user, frame.message_id)
+        reply = await self.as_user(services.request_stop)(self.user, frame.message_id)
         logger.info("stop for reply %s: %s", frame.message_id, "requested" if reply else "already finished")
         if reply is not None and reply.control_channel:
             # The generation's own address reaches it in whichever process runs it.
@@ -162,7 +176,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
     async def regenerate(self, frame: protocol.Regenerate) -> None:
         control = await ControlDispatcher.address(self.channel_layer)
-        turn = await db(services.begin_regenerate)(self.user, frame.message_id, self._model_name(), control)
+        turn = await self.as_user(services.begin_regenerate)(self.user, frame.message_id, self._model_name(), control)
         await self._subscribe(turn.conversation.pk)
         # Every socket on the conversation, this one included, learns the new reply's id.
         await self.channel_layer.group_send(

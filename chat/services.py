@@ -80,9 +80,11 @@ def recover_stale(conversation_id: int | None = None) -> int:
     )
 
 
-def conversation_messages(conversation: Conversation) -> list[Message]:
+def open_conversation(user, conversation_id: str) -> tuple[Conversation, list[Message]]:
+    """The user's conversation and its messages (replies left by a dead process marked `interrupted` first)."""
+    conversation = get_conversation(user, conversation_id)
     recover_stale(conversation.pk)
-    return list(conversation.messages.all())
+    return conversation, list(conversation.messages.all())
 
 
 def _title(content: str) -> str:

@@ -4,9 +4,12 @@ import json
 import uuid
 
 import pytest
+from asgiref.sync import sync_to_async
 from channels.layers import channel_layers
 from channels.routing import URLRouter
 from channels.testing import WebsocketCommunicator
+from django.contrib.auth import BACKEND_SESSION_KEY, HASH_SESSION_KEY, SESSION_KEY
+from django.contrib.sessions.backends.db import SessionStore
 
 from chat.replies import running
 from chat.replies.control import ControlDispatcher
@@ -93,14 +96,26 @@ def bob(django_user_model):
     return django_user_model.objects.create_user("bob", password="pw-bob-123")
 
 
+def logged_in_session(user) -> SessionStore:
+    session = SessionStore()
+    session[SESSION_KEY] = str(user.pk)
+    session[BACKEND_SESSION_KEY] = "django.contrib.auth.backends.ModelBackend"
+    session[HASH_SESSION_KEY] = user.get_session_auth_hash()
+    session.create()
+    return session
+
+
 class Client:
     """A WebSocket client of the chat protocol, for tests."""
 
     def __init__(self, user) -> None:
+        self.user = user
         self.communicator = WebsocketCommunicator(URLRouter(websocket_urlpatterns), "/ws/chat/")
         self.communicator.scope["user"] = user
 
     async def __aenter__(self) -> "Client":
+        # A real logged-in session, as AuthMiddlewareStack gives a browser's socket.
+        self.communicator.scope["session"] = await sync_to_async(logged_in_session)(self.user)
         connected, _ = await self.communicator.connect()
         assert connected
         return self

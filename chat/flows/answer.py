@@ -41,6 +41,8 @@ def new_store(turn: services.Turn, stream: ReplyStream) -> dict[str, Any]:
         "user_message_id": turn.user_message.pk,
         "reply_id": turn.reply.pk,
         "question": turn.user_message.content,
+        # A conversation made by this send has no history: LoadHistory need not ask the database.
+        "new_conversation": turn.created_conversation,
         "stream": stream,
         "row": ReplyRow(turn.reply.pk),
         "started": time.monotonic(),
@@ -75,11 +77,11 @@ class Prepare(AsyncNode):
 
 
 class LoadHistory(AsyncNode):
-    async def prep_async(self, shared: dict[str, Any]) -> tuple[int, int]:
-        return shared["conversation_id"], shared["user_message_id"]
+    async def prep_async(self, shared: dict[str, Any]) -> tuple[int, int] | None:
+        return None if shared["new_conversation"] else (shared["conversation_id"], shared["user_message_id"])
 
-    async def exec_async(self, ids: tuple[int, int]) -> list[dict[str, str]]:
-        return await db(services.prompt_history)(*ids)
+    async def exec_async(self, ids: tuple[int, int] | None) -> list[dict[str, str]]:
+        return await db(services.prompt_history)(*ids) if ids else []
 
     async def post_async(self, shared: dict[str, Any], prep_res: Any, history: list[dict[str, str]]) -> None:
         shared["history"] = history
