@@ -1,5 +1,6 @@
 # make run   - create .venv, install, migrate, serve on http://127.0.0.1:8000
 # make test  - the test suite (what CI runs)
+# make bench-load - the load benchmark sweep (bench/README.md)
 # make stop  - stop the embedded PostgreSQL and Valkey servers under var/
 
 PYTHON ?= python3
@@ -11,7 +12,7 @@ PORT ?= 8000
 # wheel pip caches runs on any x86-64 (the code sets OMP_WAIT_POLICY=PASSIVE).
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 
-.PHONY: run test install lint format stop bench clean
+.PHONY: run test install lint format stop bench bench-load clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +42,10 @@ format: install
 
 bench: install
 	$(BIN)/python bench/local_model.py
+
+# The load sweep (N = 1, 10, 50, 100, 200 against the floor and the FastAPI proxy); table in docs/performance.md.
+bench-load: install
+	$(BIN)/python bench/load.py --queries
 
 stop:
 	$(BIN)/python -m chatsite.embedded stop

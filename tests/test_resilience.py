@@ -1,0 +1,92 @@
+"""Real daphne processes on the real Redis layer: an idle socket lives on, and the control listener
+survives a dropped Redis connection. The heartbeat flush is slowed to 20 s here, so a stop that
+lands within seconds can only have come through the channel layer, not the database flag."""
+
+import asyncio
+import json
+import time
+import uuid
+
+import pytest
+import redis
+from websockets.asyncio.client import connect
+
+from tests.servers import Site, login
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def slow_flush_site(tmp_path_factory, llm_server):
+    env = {
+        "OPENAI_BASE_URL": llm_server.base_url,
+        "OPENAI_API_KEY": "test-key",
+        "LLM_MODEL": "test-model",
+        "LLM_PROVIDER": None,
+        "CHAT_FLUSH_SECONDS": "20",
+    }
+    with Site(tmp_path_factory.mktemp("resilience"), env) as site:
+        yield site
+
+
+def socket(port: int, cookie: str):
+    return connect(
+        f"ws://127.0.0.1:{port}/ws/chat/", additional_headers={"Cookie": cookie}, origin=f"http://127.0.0.1:{port}"
+    )
+
+
+def send(conversation_id: str | None, content: str) -> str:
+    return json.dumps({"type": "send", "conversation_id": conversation_id, "client_id": str(uuid.uuid4()),
+                       "content": content})  # fmt: skip
+
+
+async def frames_until(ws, kind: str, timeout: float = 20) -> list[dict]:
+    frames = []
+    while True:
+        frames.append(json.loads(await asyncio.wait_for(ws.recv(), timeout)))
+        if frames[-1]["type"] == kind:
+            return frames
+
+
+def test_idle_socket_lives_30_seconds_then_completes_a_turn(slow_flush_site):
+    port = slow_flush_site.ports[0]
+    cookie = login(port)
+
+    async def scenario() -> list[dict]:
+        async with socket(port, cookie) as ws:
+            with pytest.raises(TimeoutError):  # nothing comes, and the server does not close the socket
+                await asyncio.wait_for(ws.recv(), 31)
+            await ws.send(send(None, "[tokens=5]"))
+            return await frames_until(ws, "done")
+
+    frames = asyncio.run(scenario())
+    assert frames[0]["type"] == "ack" and frames[-1]["status"] == "complete"
+    assert "Timeout reading" not in slow_flush_site.logs()
+
+
+def test_control_listener_survives_a_dropped_redis_connection(slow_flush_site):
+    port_a, port_b = slow_flush_site.ports
+    cookie = login(port_a)
+    valkey = redis.Redis.from_url(slow_flush_site.env["REDIS_URL"])
+
+    async def scenario() -> tuple[dict, float]:
+        async with socket(port_a, cookie) as a:  # process A's control listener is up
+            await a.send(send(None, "[tokens=3]"))
+            await frames_until(a, "done")
+        # Every subscriber connection is cut, process A's control listener's among them.
+        assert valkey.client_kill_filter(_type="pubsub") >= 1
+        await asyncio.sleep(2)  # channels_redis reconnects and subscribes again
+        async with socket(port_a, cookie) as a, socket(port_b, cookie) as b:
+            await a.send(send(None, "[tokens=400][delay=0.02]"))
+            ack = json.loads(await a.recv())
+            await frames_until(a, "chunk")
+            await b.send(json.dumps({"type": "open", "conversation_id": ack["conversation_id"]}))
+            await frames_until(b, "history")
+            asked = time.monotonic()
+            await b.send(json.dumps({"type": "stop", "message_id": ack["assistant_message_id"]}))
+            done = (await frames_until(a, "done"))[-1]
+            return done, time.monotonic() - asked
+
+    done, took = asyncio.run(scenario())
+    assert done["status"] == "stopped"
+    assert took < 3, f"stopped after {took:.1f} s: not by the control listener (the flush runs every 20 s)"
