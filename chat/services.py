@@ -97,19 +97,26 @@ def _replay(user_message: Message) -> Turn:
     return Turn(user_message.conversation, user_message, reply, replayed=True)
 
 
-def _new_reply(conversation: Conversation, user_message: Message, model_name: str, control_channel: str) -> Message:
+def _new_reply(
+    conversation: Conversation, user_message: Message, model_name: str, control_channel: str, *, new: bool = False
+) -> Message:
+    def create() -> Message:
+        return Message.objects.create(
+            conversation=conversation,
+            role=Message.Role.ASSISTANT,
+            status=Message.Status.STREAMING,
+            reply_to=user_message,
+            model=model_name,
+            control_channel=control_channel,
+        )
+
+    if new:
+        return create()  # nothing can be streaming in a conversation made in this transaction
     # The partial unique index allows one `streaming` reply per conversation:
     # the database, not this process, decides who is busy.
     try:
         with transaction.atomic():
-            return Message.objects.create(
-                conversation=conversation,
-                role=Message.Role.ASSISTANT,
-                status=Message.Status.STREAMING,
-                reply_to=user_message,
-                model=model_name,
-                control_channel=control_channel,
-            )
+            return create()
     except IntegrityError:
         raise ProtocolError(protocol.BUSY, "A reply is still being written in this conversation.") from None
 
@@ -137,8 +144,9 @@ def begin_turn(
         user_message = Message.objects.create(
             conversation=conversation, role=Message.Role.USER, content=content, client_id=client_id
         )
-        reply = _new_reply(conversation, user_message, model_name, control_channel)
-        conversation.save(update_fields=["updated_at"])
+        reply = _new_reply(conversation, user_message, model_name, control_channel, new=created)
+        if not created:
+            conversation.save(update_fields=["updated_at"])  # "newest first" means most recently active
     return Turn(conversation, user_message, reply, created_conversation=created)
 
 
