@@ -183,7 +183,7 @@ async def run_floor(base_url: str, n: int, content: str, timeout: float) -> list
 
 
 async def run_sockets(
-    url: str, origin: str, cookies: list[str], n: int, content: str, timeout: float, site: bool
+    url: str, origin: str | None, cookies: list[str], n: int, content: str, timeout: float
 ) -> list[Stream]:
     """N WebSocket clients: connect all, then send at once; read until `done`."""
     go = asyncio.Event()
@@ -301,26 +301,20 @@ def redis_stats(url: str) -> dict[str, int]:
 
 
 async def measure_site(site: Site, cookies: list[str], n: int, content: str, timeout: float, repeats: int) -> Point:
-    port = site.ports[0]
     before = redis_stats(site.env["REDIS_URL"])
     started = time.monotonic()
-    if len(site.ports) == 1:
-        url, origin = f"ws://127.0.0.1:{port}/ws/chat/", f"http://127.0.0.1:{port}"
-        async with Watch([p.pid for p in site.servers]) as watch:
-            streams = await repeated(run_sockets, n, repeats, url, origin, cookies, n, content, timeout, True)
-    else:
-        # Split the clients across the processes.
-        async with Watch([p.pid for p in site.servers]) as watch:
-            parts = await asyncio.gather(
-                *(
-                    run_sockets(
-                        f"ws://127.0.0.1:{p}/ws/chat/", f"http://127.0.0.1:{p}", cookies, n // len(site.ports) + (
-                            1 if i < n % len(site.ports) else 0), content, timeout, site=True,
-                    )
-                    for i, p in enumerate(site.ports)
-                )
-            )  # fmt: skip
-            streams = [s for part in parts for s in part]
+    # The clients split evenly across the processes (all on the first one when there is one).
+    sizes = [n // len(site.ports) + (i < n % len(site.ports)) for i in range(len(site.ports))]
+    async with Watch([p.pid for p in site.servers]) as watch:
+        parts = await asyncio.gather(
+            *(
+                repeated(run_sockets, size, repeats, f"ws://127.0.0.1:{port}/ws/chat/", f"http://127.0.0.1:{port}",
+                         cookies, size, content, timeout)
+                for port, size in zip(site.ports, sizes, strict=True)
+                if size
+            )
+        )  # fmt: skip
+    streams = [s for part in parts for s in part]
     wall = time.monotonic() - started
     after = redis_stats(site.env["REDIS_URL"])
     by_command = {k: v - before.get(k, 0) for k, v in after.items() if v - before.get(k, 0) > 0}
@@ -364,7 +358,7 @@ async def sweep(args: argparse.Namespace) -> list[Point]:
                         url = f"ws://127.0.0.1:{proxy.port}/ws/chat/"
                         async with Watch([proxy.proc.pid]) as watch:
                             streams = await repeated(
-                                run_sockets, n, args.repeats, url, None, [], n, content, args.timeout, False
+                                run_sockets, n, args.repeats, url, None, [], n, content, args.timeout
                             )
                         point = Point("fastapi", n, streams, expected, time.monotonic() - started)
                         point.cpu_s, point.rss_before, point.rss_peak = watch.cpu, watch.rss_before, watch.peak

@@ -49,8 +49,13 @@ def new_store(turn: services.Turn, stream: ReplyStream) -> dict[str, Any]:
     }
 
 
-def _error(exc: ProviderError) -> Outcome:
-    return Outcome(Message.Status.ERROR, error_code=exc.code, error_message=exc.message)
+def _store_or_fail(shared: dict[str, Any], key: str, result: Any) -> str | None:
+    """A node's result into ``shared[key]``; a ProviderError instead becomes the outcome, and the "error" route."""
+    if isinstance(result, ProviderError):
+        shared["outcome"] = Outcome(Message.Status.ERROR, error_code=result.code, error_message=result.message)
+        return "error"
+    shared[key] = result
+    return None
 
 
 class Prepare(AsyncNode):
@@ -69,11 +74,7 @@ class Prepare(AsyncNode):
             return exc
 
     async def post_async(self, shared: dict[str, Any], prep_res: Any, provider: Any) -> str | None:
-        if isinstance(provider, ProviderError):
-            shared["outcome"] = _error(provider)
-            return "error"
-        shared["provider"] = provider
-        return None
+        return _store_or_fail(shared, "provider", provider)
 
 
 class LoadHistory(AsyncNode):
@@ -100,11 +101,7 @@ class BuildPrompt(AsyncNode):
             return exc
 
     async def post_async(self, shared: dict[str, Any], prep_res: Any, result: Any) -> str | None:
-        if isinstance(result, ProviderError):
-            shared["outcome"] = _error(result)
-            return "error"
-        shared["prompt"] = result
-        return None
+        return _store_or_fail(shared, "prompt", result)
 
 
 class StreamAnswer(AsyncNode):
