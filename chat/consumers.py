@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -142,17 +143,35 @@ class ChatConsumer(AsyncWebsocketConsumer):
         turn = await self.as_user(services.begin_turn)(
             self.user, frame.conversation_id, frame.client_id, frame.content, self._model_name(), control
         )
-        await self._subscribe(turn.conversation.pk)
-        await self.send_frame(protocol.ack(frame.client_id, turn.conversation.pk, turn.user_message.pk, turn.reply.pk))
+        ack = protocol.ack(frame.client_id, turn.conversation.pk, turn.user_message.pk, turn.reply.pk)
         if turn.replayed:
+            await self._subscribe(turn.conversation.pk)
+            await self.send_frame(ack)
             await self._resume(turn.reply)
             return
         # The other sockets learn of both new messages before the first chunk.
-        announce = events.frames(
-            protocol.message_frame(turn.user_message), protocol.message_frame(turn.reply), exclude=self.channel_name
+        await self._answer(
+            turn,
+            ack,
+            events.frames(
+                protocol.message_frame(turn.user_message), protocol.message_frame(turn.reply), exclude=self.channel_name
+            ),
         )
-        await self.channel_layer.group_send(events.group_name(turn.conversation.pk), announce)
-        answer.start(self.channel_layer, turn)
+
+    async def _answer(self, turn: services.Turn, ack: dict[str, Any] | None, announce: dict[str, Any]) -> None:
+        """Start the reply, then subscribe, acknowledge and announce while the model request is on its way.
+
+        The reply's frames are held until all three are done, so none overtakes them.
+        """
+        ready = asyncio.Event()
+        answer.start(self.channel_layer, turn, ready)
+        try:
+            await self._subscribe(turn.conversation.pk)
+            if ack is not None:
+                await self.send_frame(ack)
+            await self.channel_layer.group_send(events.group_name(turn.conversation.pk), announce)
+        finally:
+            ready.set()
 
     async def _resume(self, reply: Message) -> None:
         """After a replayed send: the reply again from offset 0, then the rest as it streams."""
@@ -177,12 +196,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
     async def regenerate(self, frame: protocol.Regenerate) -> None:
         control = await ControlDispatcher.address(self.channel_layer)
         turn = await self.as_user(services.begin_regenerate)(self.user, frame.message_id, self._model_name(), control)
-        await self._subscribe(turn.conversation.pk)
         # Every socket on the conversation, this one included, learns the new reply's id.
-        await self.channel_layer.group_send(
-            events.group_name(turn.conversation.pk), events.frames(protocol.message_frame(turn.reply))
-        )
-        answer.start(self.channel_layer, turn)
+        await self._answer(turn, None, events.frames(protocol.message_frame(turn.reply)))
 
     # --- channel-layer events -----------------------------------------------------------------
 

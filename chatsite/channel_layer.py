@@ -5,13 +5,19 @@ connection under one lock, waiting for each reply before the next: under load
 each publish then costs an event-loop cycle, and at 200 concurrent replies
 chunks queued for seconds (docs/performance.md). Here a publish joins an
 outbox and one task sends all the waiting ones in one pipeline per round
-trip. Order is kept (one connection, in arrival order); everything else,
-receiving included, is channels_redis's own.
+trip. Order is kept (one connection, in arrival order).
+
+SUBSCRIBE and UNSUBSCRIBE (each socket's own channel, each conversation it
+opens) went the same way, one at a time under the lock; with 200 turns
+starting while replies streamed, a socket waited up to 4 s for its
+subscription. They are batched too: the requests waiting at one moment go out
+as one command per run of the same kind, in order. Receiving is channels_redis's own.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 
 from channels_redis.pubsub import RedisPubSubChannelLayer, RedisSingleShardConnection
 
@@ -21,6 +27,8 @@ class PipelinedShard(RedisSingleShardConnection):
         super().__init__(host, channel_layer)
         self._outbox: list[tuple[str, bytes, asyncio.Future]] = []
         self._sender: asyncio.Task | None = None
+        self._requests: list[tuple[str, str, asyncio.Future]] = []
+        self._subscriber: asyncio.Task | None = None
 
     async def publish(self, channel, message) -> None:
         done = asyncio.get_running_loop().create_future()
@@ -49,6 +57,53 @@ class PipelinedShard(RedisSingleShardConnection):
                             done.set_result(None)
         finally:
             self._sender = None
+
+    async def subscribe(self, channel) -> None:
+        await self._request("subscribe", channel)
+
+    async def unsubscribe(self, channel) -> None:
+        await self._request("unsubscribe", channel)
+
+    async def _request(self, kind: str, channel: str) -> None:
+        done = asyncio.get_running_loop().create_future()
+        self._requests.append((kind, channel, done))
+        if self._subscriber is None:
+            self._subscriber = asyncio.create_task(self._subscribe_all())
+        await done
+
+    async def _subscribe_all(self) -> None:
+        try:
+            while self._requests:
+                batch, self._requests = self._requests, []
+                async with self._lock:  # flush() takes it too
+                    for kind, run in itertools.groupby(batch, key=lambda request: request[0]):
+                        await self._apply(kind, list(run))
+        finally:
+            self._subscriber = None
+
+    async def _apply(self, kind: str, run: list[tuple[str, str, asyncio.Future]]) -> None:
+        """One SUBSCRIBE (or UNSUBSCRIBE) for the channels of ``run`` that need it."""
+        subscribing = kind == "subscribe"
+        channels = [
+            c for c in dict.fromkeys(channel for _, channel, _ in run) if (c in self._subscribed_to) != subscribing
+        ]
+        try:
+            if channels:
+                self._ensure_redis()
+                self._ensure_receiver()
+                await getattr(self._pubsub, kind)(*channels)
+                if subscribing:
+                    self._subscribed_to.update(channels)
+                else:
+                    self._subscribed_to.difference_update(channels)
+        except Exception as exc:  # noqa: BLE001 - every waiting caller gets the error
+            for _, _, done in run:
+                if not done.done():
+                    done.set_exception(exc)
+        else:
+            for _, _, done in run:
+                if not done.done():
+                    done.set_result(None)
 
 
 class PipelinedPubSubChannelLayer(RedisPubSubChannelLayer):

@@ -11,6 +11,7 @@ from chat.models import Conversation, Message
 from chat.replies import events, row
 from chat.replies.join import Join, trim
 from chat.replies.row import Outcome
+from chat.replies.stream import ReplyStream
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -184,3 +185,21 @@ async def test_reply_whose_publishing_fails_ends_with_an_error_and_done(alice, m
     done = [f for event in layer.sent for f in event["frames"] if f["type"] == "done"]
     assert len(done) == 1 and done[0]["status"] == "error"
     assert done[0]["error"]["code"] == protocol.DELIVERY_FAILED
+
+
+async def test_a_reply_publishes_nothing_before_it_is_ready():
+    """The asking socket subscribes, acknowledges and announces while the model request is under way:
+    no frame of the reply may overtake those."""
+    layer = FailingLayer(good=100, bad=0)
+    ready = asyncio.Event()
+    stream = ReplyStream(layer, conversation_id=1, reply_id=7, ready=ready)
+    await stream.emit("Hello")
+    status = asyncio.create_task(stream.send(protocol.status(7, "queued")))
+    await asyncio.sleep(0.2)
+    assert layer.sent == []
+    ready.set()
+    await asyncio.wait_for(status, 1)
+    await stream.close()
+    frames = [frame for event in layer.sent for frame in event["frames"]]
+    assert {frame["type"] for frame in frames} == {"chunk", "status"}
+    assert stream.text == "Hello"

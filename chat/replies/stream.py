@@ -6,6 +6,10 @@ been published, which is what a joining socket is given as the text so far.
 A publish that still fails after a few retries marks the stream ``failed`` and
 sets ``stop_event``: the reply then ends with an error instead of streaming
 into the void.
+
+Nothing is published before ``ready`` is set: the socket that asked can start
+the model request first and subscribe, acknowledge and announce meanwhile,
+without its first chunk overtaking any of them.
 """
 
 from __future__ import annotations
@@ -32,8 +36,14 @@ class DeliveryError(Exception):
 
 
 class ReplyStream:
-    def __init__(self, layer: BaseChannelLayer | None, conversation_id: int, reply_id: int) -> None:
+    def __init__(
+        self, layer: BaseChannelLayer | None, conversation_id: int, reply_id: int, ready: asyncio.Event | None = None
+    ) -> None:
         self.layer = layer
+        if ready is None:
+            ready = asyncio.Event()
+            ready.set()
+        self.ready = ready
         self.group = events.group_name(conversation_id)
         self.reply_id = reply_id
         self.text = ""
@@ -48,6 +58,7 @@ class ReplyStream:
     async def send(self, *frames: dict[str, Any]) -> None:
         """Send protocol frames to every socket of the conversation, retrying a failing channel layer."""
         event = events.frames(*frames)
+        await self.ready.wait()
         for pause in (*RETRY_PAUSES, None):
             try:
                 await self.layer.group_send(self.group, event)
