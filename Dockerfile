@@ -15,4 +15,4 @@ COPY . .
 RUN python -c "import compileall; compileall.compile_dir('.', quiet=1)" >/dev/null
 
 EXPOSE 8000
-CMD ["sh", "-c", "python manage.py migrate --noinput && daphne -b 0.0.0.0 -p 8000 chatsite.asgi:application"]
+CMD ["sh", "-c", "python manage.py migrate --noinput && python -m chatsite.serve -b 0.0.0.0 -p 8000"]

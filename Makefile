@@ -1,4 +1,5 @@
 # make run   - create .venv, install, migrate, serve on http://127.0.0.1:8000
+# make dev   - the same with DEBUG=1 (tracebacks in the browser: never on a public address)
 # make test  - the test suite (what CI runs)
 # make bench-load - the load benchmark sweep (bench/README.md)
 # make stop  - stop the embedded PostgreSQL and Valkey servers under var/
@@ -12,7 +13,7 @@ PORT ?= 8000
 # wheel pip caches runs on any x86-64 (the code sets OMP_WAIT_POLICY=PASSIVE).
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 
-.PHONY: run test install lint format stop bench bench-load clean
+.PHONY: run dev test install lint format stop bench bench-load clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,7 +28,11 @@ install: $(VENV)/.installed
 
 run: install
 	$(BIN)/python manage.py migrate --noinput
-	DEBUG=1 $(BIN)/daphne -b $(HOST) -p $(PORT) chatsite.asgi:application
+	$(BIN)/python -m chatsite.serve -b $(HOST) -p $(PORT)
+
+dev: install
+	$(BIN)/python manage.py migrate --noinput
+	DEBUG=1 $(BIN)/python -m chatsite.serve -b $(HOST) -p $(PORT)
 
 test: install
 	$(BIN)/python -m pytest

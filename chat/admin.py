@@ -12,7 +12,7 @@ class MessageInline(admin.TabularInline):
     fk_name = "conversation"
     extra = 0
     can_delete = False
-    fields = ("created_at", "role", "status", "content", *USAGE_FIELDS, "error_code")
+    fields = ("created_at", "role", "status", "content", *USAGE_FIELDS, "error_code", "error_detail")
     readonly_fields = fields
     ordering = ("created_at", "id")
 

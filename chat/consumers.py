@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
-from chat import protocol, services
+from chat import access, protocol, services
 from chat.flows import answer
 from chat.llm import ProviderError, get_provider
 from chat.models import Message
@@ -26,18 +27,24 @@ T = TypeVar("T")
 
 
 class LoggedOut(Exception):
-    """The socket's session no longer exists: it is closed with 4401."""
+    """The socket's login no longer holds (chat/access.py): it is closed with 4401."""
 
 
 class ChatConsumer(AsyncWebsocketConsumer):
     conversation_id: int | None = None
+    logged_out = False
 
     async def connect(self) -> None:
         self.user = self.scope.get("user")
         if self.user is None or not self.user.is_authenticated:
-            await self.close()  # before accept: the handshake is refused
+            # Accepted, then closed with 4401: a refused handshake reaches the page as a bare 1006,
+            # which it cannot tell from a network failure (it would retry for ever).
+            await self.accept()
+            await self.close(code=protocol.CLOSE_UNAUTHENTICATED)
             return
         self.join = Join(self.channel_layer, self.channel_name)
+        self.checked_at = time.monotonic()
+        self.checking: asyncio.Task | None = None
         await self.accept()
         try:
             # Someone is about to chat: load the model / build the client now, not on their first message.
@@ -46,13 +53,17 @@ class ChatConsumer(AsyncWebsocketConsumer):
             pass  # reported on the first message, where the user sees it
 
     async def disconnect(self, code: int) -> None:
+        if not hasattr(self, "join"):
+            return  # never logged in
         # Leaving the group does not touch any running generation: it finishes and is saved.
         await self._unsubscribe()
-        if hasattr(self, "join"):
-            self.join.close()
+        self.join.close()
+        if self.checking is not None:
+            self.checking.cancel()
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
-        size = len(text_data.encode()) if text_data is not None else len(bytes_data or b"")
+        # surrogatepass: a lone surrogate is sized here and refused by protocol.parse, not a crash.
+        size = len(text_data.encode("utf-8", "surrogatepass")) if text_data is not None else len(bytes_data or b"")
         if size > settings.CHAT_HARD_FRAME_BYTES:
             await self.close(code=protocol.CLOSE_TOO_BIG)
             return
@@ -69,7 +80,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         except ProtocolError as exc:
             await self.send_frame(exc.frame())
         except LoggedOut:
-            await self.close(code=protocol.CLOSE_UNAUTHENTICATED)
+            await self._log_out()
         except Exception:  # noqa: BLE001 - one bad frame must not take the socket down
             logger.exception("failed to handle a frame from user %s", self.user.pk)
             await self.send_frame(
@@ -77,21 +88,43 @@ class ChatConsumer(AsyncWebsocketConsumer):
             )
 
     def as_user(self, fn: Callable[..., T]) -> Callable[..., Awaitable[T]]:
-        """``fn`` run on the database thread pool after checking, in the same hop, that the session still exists.
+        """``fn`` run on the database thread pool after checking, in the same hop, that the login still holds.
 
         Every frame's handling starts with one of these, so a socket whose
-        session is gone (logged out in another tab, expired) is closed at its
-        next frame, at no extra database round trip.
+        login is gone (logged out in another tab, expired, password changed,
+        user deactivated) is closed at its next frame, in the hop it needs anyway.
         """
-        session = self.scope["session"]
-        key = session.session_key
+        key, user_id = self.scope["session"].session_key, self.user.pk
 
         def checked(*args: Any) -> T:
-            if key is None or not session.exists(key):
+            if not access.still_logged_in(key, user_id):
                 raise LoggedOut
+            self.checked_at = time.monotonic()
             return fn(*args)
 
         return db(checked)
+
+    async def _log_out(self) -> None:
+        self.logged_out = True
+        await self.close(code=protocol.CLOSE_UNAUTHENTICATED)
+
+    def _check_login_now_and_then(self) -> None:
+        """Frames pushed to a socket that sends nothing: the login is checked again beside them, every
+        CHAT_SESSION_CHECK_SECONDS, so a logged-out tab stops receiving within about that time."""
+        if self.checking is not None or time.monotonic() - self.checked_at < settings.CHAT_SESSION_CHECK_SECONDS:
+            return
+
+        async def check() -> None:
+            try:
+                await self.as_user(lambda: None)()
+            except LoggedOut:
+                await self._log_out()
+            except Exception:  # noqa: BLE001 - a failed check is tried again with the next frame
+                logger.exception("could not check the login of user %s", self.user.pk)
+            finally:
+                self.checking = None
+
+        self.checking = asyncio.create_task(check())
 
     async def send_frame(self, frame: dict[str, Any]) -> None:
         await self.send(text_data=json.dumps(frame))
@@ -202,8 +235,9 @@ class ChatConsumer(AsyncWebsocketConsumer):
     # --- channel-layer events -----------------------------------------------------------------
 
     async def chat_frames(self, event: dict[str, Any]) -> None:
-        if event.get("exclude") == self.channel_name:
+        if event.get("exclude") == self.channel_name or self.logged_out:
             return
+        self._check_login_now_and_then()
         for frame in event["frames"]:
             if self.join.holding:
                 self.join.hold(frame)
@@ -211,5 +245,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
                 await self.send_frame(frame)
 
     async def chat_snapshot(self, event: dict[str, Any]) -> None:
+        if self.logged_out:
+            return
         for frame in await self.join.answered(event):
             await self.send_frame(frame)

@@ -48,6 +48,8 @@ class Message(models.Model):
     latency_ms = models.PositiveIntegerField(null=True, blank=True, help_text="Total time of the reply")
     error_code = models.CharField(max_length=32, blank=True)
     error_message = models.TextField(blank=True)
+    # What happened, for staff (admin); users see error_message, which names nothing about the deployment.
+    error_detail = models.TextField(blank=True)
 
     # The channel-layer address of the running generation: `stop` from any process is sent there.
     control_channel = models.CharField(max_length=200, blank=True)

@@ -7,6 +7,7 @@ generation and the tests agree on one shape.
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -79,6 +80,19 @@ def _id(frame: dict[str, Any], field: str, *, nullable: bool = False) -> str | N
     return value
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def storable(text: str) -> bool:
+    """Text PostgreSQL and UTF-8 can hold: no NUL, no lone surrogate (JSON's ``"\\ud800"`` makes one)."""
+    return "\x00" not in text and not _SURROGATE.search(text)
+
+
+def clean(text: str) -> str:
+    """``text`` made storable: NUL dropped, each lone surrogate replaced with U+FFFD (for model output)."""
+    return text if storable(text) else _SURROGATE.sub("\ufffd", text.replace("\x00", ""))
+
+
 def _client_id(frame: dict[str, Any]) -> str | None:
     value = frame.get("client_id")
     return value if isinstance(value, str) else None
@@ -94,6 +108,8 @@ def parse(text: str | None, size: int) -> ClientFrame:
         frame = json.loads(text)
     except ValueError:
         raise ProtocolError(BAD_REQUEST, "Frame is not valid JSON.") from None
+    except RecursionError:
+        raise ProtocolError(BAD_REQUEST, "Frame is nested too deeply.") from None
     if not isinstance(frame, dict):
         raise ProtocolError(BAD_REQUEST, "Frame must be a JSON object.")
     kind = frame.get("type")
@@ -108,6 +124,10 @@ def parse(text: str | None, size: int) -> ClientFrame:
         content = frame.get("content")
         if not isinstance(content, str) or not content.strip():
             raise ProtocolError(BAD_REQUEST, "`content` must be a non-empty string.", client_id)
+        if not storable(content):
+            raise ProtocolError(
+                BAD_REQUEST, "`content` must be text without NUL characters or lone surrogates.", client_id
+            )
         if len(content) > settings.CHAT_MAX_MESSAGE_CHARS:
             raise ProtocolError(
                 TOO_LARGE, f"Message longer than {settings.CHAT_MAX_MESSAGE_CHARS} characters.", client_id

@@ -166,6 +166,8 @@ CHAT_MAX_MESSAGE_CHARS = env_int("CHAT_MAX_MESSAGE_CHARS", 16_000)
 CHAT_MAX_FRAME_BYTES = env_int("CHAT_MAX_FRAME_BYTES", 64 * 1024)
 # Frames beyond this are not parsed at all: the socket is closed with 1009.
 CHAT_HARD_FRAME_BYTES = env_int("CHAT_HARD_FRAME_BYTES", 1024 * 1024)
+# A socket that only receives has its login checked again this often (each frame it sends is checked anyway).
+CHAT_SESSION_CHECK_SECONDS = env_float("CHAT_SESSION_CHECK_SECONDS", 5.0)
 # Deltas are coalesced for this long before crossing the channel layer.
 CHAT_COALESCE_SECONDS = env_float("CHAT_COALESCE_SECONDS", 0.05)
 # A streaming reply is written to the database at least this often.

@@ -10,6 +10,7 @@ in the last user message:
     [first_delay=S] wait S seconds before the first token
     [fail_after=N]  drop the connection after N tokens (mid-stream failure)
     [status=CODE]   answer with this HTTP status and an error body
+    [bad_text]      answer "ok<NUL>ay <lone surrogate> end" (text PostgreSQL cannot store)
 
 Token times are scheduled from the request's arrival (token i is due at
 first_delay + (i + 1) * delay), so a busy machine delays tokens without
@@ -35,6 +36,8 @@ def plan(messages: list[dict]) -> tuple[list[str], dict[str, str]]:
     directives = {k: v for k, v in DIRECTIVE.findall(last)}
     if "tokens" in directives:
         tokens = [f"t{i} " for i in range(int(directives["tokens"]))]
+    elif "bad_text" in directives:
+        tokens = ["ok\x00ay ", "\ud800 ", "end"]
     else:
         text = "You said: " + DIRECTIVE.sub("", last).strip()
         tokens = re.findall(r"\S+\s*", text)

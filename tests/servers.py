@@ -77,16 +77,7 @@ class Site:
                 self.ports.append(port)
                 self.servers.append(
                     subprocess.Popen(
-                        [
-                            sys.executable,
-                            "-m",
-                            "daphne",
-                            "-b",
-                            "127.0.0.1",
-                            "-p",
-                            str(port),
-                            "chatsite.asgi:application",
-                        ],
+                        [sys.executable, "-m", "chatsite.serve", "-b", "127.0.0.1", "-p", str(port)],
                         env=self.env,
                         cwd=ROOT,
                         stdout=subprocess.DEVNULL,

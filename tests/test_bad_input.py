@@ -5,11 +5,13 @@ import uuid
 import pytest
 from django.test import override_settings
 
+from chat.llm.base import NOT_SET_UP
 from chat.models import Message
 from tests.conftest import Client, reply_text
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
+SEND = '{"type": "send", "conversation_id": null, "client_id": "%s", "content": %s}'
 BAD_FRAMES = [
     ("not json {", "bad_request"),
     ("[1, 2]", "bad_request"),
@@ -20,6 +22,10 @@ BAD_FRAMES = [
     ('{"type": "send", "conversation_id": null, "client_id": "%s", "content": 42}' % uuid.uuid4(), "bad_request"),
     ('{"type": "send", "conversation_id": null, "client_id": "%s", "content": "  "}' % uuid.uuid4(), "bad_request"),
     ('{"type": "stop", "message_id": ["1"]}', "bad_request"),
+    ("[" * 5000 + "]" * 5000, "bad_request"),  # RecursionError in the JSON parser
+    # A NUL (PostgreSQL refuses it) and a lone surrogate (UTF-8 cannot hold it) in `content`.
+    (SEND % (uuid.uuid4(), '"a\\u0000b"'), "bad_request"),
+    (SEND % (uuid.uuid4(), '"a\\ud800b"'), "bad_request"),
     ('{"type": "open", "conversation_id": "abc"}', "not_found"),
     ('{"type": "stop", "message_id": "424242"}', "not_found"),
 ]
@@ -32,6 +38,7 @@ async def test_bad_frame_gets_error_and_socket_stays_usable(alice, text, code):
         answer = await client.recv()
         assert answer["type"] == "error" and answer["code"] == code
         assert answer["message"]
+        assert await Message.objects.acount() == 0
         ack = await client.say("still here?")
         assert ack["type"] == "ack"
         frames = await client.recv_until("done")
@@ -89,20 +96,27 @@ async def test_provider_http_error_is_a_clear_error(alice):
         frames = await client.recv_until("done")
     done = frames[-1]
     assert done["status"] == "error" and done["error"]["code"] == "provider_error"
-    assert "500" in done["error"]["message"]
+    assert done["error"]["message"] == "The model provider answered with an error (500)."
+    assert "scripted failure" not in str(frames)  # the upstream's own words are for staff
+    assert "scripted failure" in (await Message.objects.aget(pk=ack["assistant_message_id"])).error_detail
     assert not [f for f in frames if f["type"] == "chunk"]
     reply = await Message.objects.aget(pk=ack["assistant_message_id"])
     assert (reply.status, reply.content) == ("error", "")
 
 
 async def test_provider_down_is_a_clear_error_and_nothing_half_written(alice, settings):
-    settings.OPENAI_BASE_URL = "http://127.0.0.1:9/v1"  # nothing listens on the discard port
+    # Nothing listens on the discard port; the URL carries credentials, as some deployments' do.
+    settings.OPENAI_BASE_URL = "http://proxy-user:s3cret@127.0.0.1:9/v1"
     async with Client(alice) as client:
         ack = await client.say("anyone there?")
         frames = await client.recv_until("done")
         done = frames[-1]
         assert done["status"] == "error" and done["error"]["code"] == "provider_error"
-        assert "Could not reach the model endpoint http://127.0.0.1:9/v1" in done["error"]["message"]
+        assert done["error"]["message"] == "The model provider could not be reached."
+        # Users never see the endpoint; staff see it in admin.
+        assert "s3cret" not in str(frames) and "127.0.0.1" not in str(frames)
+        saved = await Message.objects.aget(pk=ack["assistant_message_id"])
+        assert "127.0.0.1:9" in saved.error_detail
         # The conversation is consistent and usable: nothing is left streaming.
         assert await Message.objects.filter(status="streaming").acount() == 0
         await client.send({"type": "open", "conversation_id": ack["conversation_id"]})
@@ -120,7 +134,7 @@ async def test_provider_timeout_mid_stream_is_reported(alice, settings):
         ack = await client.say("[tokens=10][first_delay=3]")
         done = (await client.recv_until("done"))[-1]
     assert done["status"] == "error" and done["error"]["code"] == "provider_error"
-    assert "did not answer in time" in done["error"]["message"]
+    assert done["error"]["message"] == "The model took too long to start its reply."
     assert (await Message.objects.aget(pk=ack["assistant_message_id"])).status == "error"
 
 
@@ -130,7 +144,7 @@ async def test_refused_api_key_is_reported(alice, settings):
         await client.say("hello")
         done = (await client.recv_until("done"))[-1]
     assert done["error"]["code"] == "provider_error"
-    assert "refused the API key" in done["error"]["message"]
+    assert done["error"]["message"] == "The model provider refused this site's credentials."
 
 
 @override_settings(LLM_PROVIDER="nonsense")
@@ -139,7 +153,10 @@ async def test_no_provider_configured_says_how_to_configure(alice):
         await client.say("hello")
         done = (await client.recv_until("done"))[-1]
     assert done["status"] == "error" and done["error"]["code"] == "not_configured"
-    assert "OPENAI_BASE_URL" in done["error"]["message"]
+    assert done["error"]["message"] == NOT_SET_UP
+    # How to set one up is for the operator: the log and admin.
+    saved = await Message.objects.aget(role="assistant")
+    assert "OPENAI_BASE_URL" in saved.error_detail
 
 
 async def test_stale_streaming_reply_is_marked_interrupted(alice, settings):
@@ -162,3 +179,13 @@ async def test_stale_streaming_reply_is_marked_interrupted(alice, settings):
         # And the conversation is not stuck "busy".
         assert (await client.say("again", str(conversation.pk)))["type"] == "ack"
         await client.recv_until("done")
+
+
+async def test_a_nul_or_lone_surrogate_from_the_model_is_cleaned_and_the_reply_finishes(alice):
+    async with Client(alice) as client:
+        ack = await client.say("[bad_text]")
+        frames = await client.recv_until("done")
+    assert frames[-1]["status"] == "complete"
+    assert reply_text(frames, ack["assistant_message_id"]) == "okay \ufffd end"
+    saved = await Message.objects.aget(pk=ack["assistant_message_id"])
+    assert saved.status == "complete" and saved.content == "okay \ufffd end"

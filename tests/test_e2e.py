@@ -44,9 +44,11 @@ def test_two_processes_share_one_conversation(site):
                 origin=f"http://127.0.0.1:{port}",
             )
 
-        with pytest.raises(websockets.InvalidStatus):  # no session: refused at the handshake
-            async with connect(f"ws://127.0.0.1:{port_a}/ws/chat/", origin=f"http://127.0.0.1:{port_a}"):
-                pass
+        # No session: closed with 4401, which the page turns into the login page.
+        async with connect(f"ws://127.0.0.1:{port_a}/ws/chat/", origin=f"http://127.0.0.1:{port_a}") as anonymous:
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                await anonymous.recv()
+        assert closed.value.rcvd.code == 4401
 
         def send(conversation_id: str | None, content: str) -> str:
             frame = {"type": "send", "conversation_id": conversation_id, "client_id": str(uuid.uuid4())}

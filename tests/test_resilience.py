@@ -90,3 +90,39 @@ def test_control_listener_survives_a_dropped_redis_connection(slow_flush_site):
     done, took = asyncio.run(scenario())
     assert done["status"] == "stopped"
     assert took < 3, f"stopped after {took:.1f} s: not by the control listener (the flush runs every 20 s)"
+
+
+def memory_kib(pid: int) -> dict[str, int]:
+    fields = dict(line.split(":", 1) for line in open(f"/proc/{pid}/status"))
+    return {key: int(fields[key].split()[0]) for key in ("VmRSS", "VmHWM")}
+
+
+def test_a_200_mb_frame_is_refused_as_it_is_read_and_the_server_keeps_serving(slow_flush_site):
+    """daphne caps a frame at CHAT_HARD_FRAME_BYTES (chatsite/serve.py): it refuses the frame from its header,
+    so the 200 MB never sit in the server's memory."""
+    port = slow_flush_site.ports[0]
+    server = slow_flush_site.servers[0]
+    cookie = login(port)
+    huge = "x" * 200_000_000
+
+    async def turn() -> list[dict]:
+        async with socket(port, cookie) as ws:
+            await ws.send(send(None, "[tokens=5]"))
+            return await frames_until(ws, "done")
+
+    async def oversized() -> int | None:
+        async with socket(port, cookie) as ws:
+            try:
+                await ws.send(huge)
+                await asyncio.wait_for(ws.recv(), 10)
+            except Exception:  # noqa: BLE001 - the server drops the connection mid-send
+                pass
+            return ws.close_code
+
+    asyncio.run(turn())  # the code paths of a socket and a turn are loaded before measuring
+    before = memory_kib(server.pid)["VmHWM"]
+    code = asyncio.run(oversized())
+    peak = memory_kib(server.pid)["VmHWM"]
+    assert code in (1009, 1006), code  # "message too big", or cut before the client could read it
+    assert peak - before < 20 * 1024, f"server memory peaked {(peak - before) // 1024} MiB higher"
+    assert asyncio.run(turn())[-1]["status"] == "complete"

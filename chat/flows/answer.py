@@ -49,10 +49,16 @@ def new_store(turn: services.Turn, stream: ReplyStream) -> dict[str, Any]:
     }
 
 
+def failed(reply_id: int, exc: ProviderError) -> Outcome:
+    """The outcome of a reply the provider could not give; what happened goes to the log and the row."""
+    logger.warning("reply %s: %s: %s", reply_id, exc.code, exc.detail or exc.message)
+    return Outcome(Message.Status.ERROR, error_code=exc.code, error_message=exc.message, error_detail=exc.detail)
+
+
 def _store_or_fail(shared: dict[str, Any], key: str, result: Any) -> str | None:
     """A node's result into ``shared[key]``; a ProviderError instead becomes the outcome, and the "error" route."""
     if isinstance(result, ProviderError):
-        shared["outcome"] = Outcome(Message.Status.ERROR, error_code=result.code, error_message=result.message)
+        shared["outcome"] = failed(shared["reply_id"], result)
         return "error"
     shared[key] = result
     return None
@@ -132,7 +138,8 @@ class StreamAnswer(AsyncNode):
                         if outcome.first_token_ms is None:
                             outcome.first_token_ms = int((time.monotonic() - started) * 1000)
                         deltas += 1
-                        await stream.emit(event)
+                        # A NUL or a lone surrogate from the model would break every write of the row.
+                        await stream.emit(protocol.clean(event))
                     elif isinstance(event, Usage):
                         outcome.prompt_tokens = event.prompt_tokens or outcome.prompt_tokens
                         outcome.completion_tokens = event.completion_tokens
@@ -157,14 +164,16 @@ class StreamAnswer(AsyncNode):
         else:
             exc = consumer.exception()
             if isinstance(exc, ProviderError):
-                outcome.status = Message.Status.ERROR
-                outcome.error_code, outcome.error_message = exc.code, exc.message
+                ended = failed(stream.reply_id, exc)  # the tokens counted so far are kept
+                outcome.status, outcome.error_code = ended.status, ended.error_code
+                outcome.error_message, outcome.error_detail = ended.error_message, ended.error_detail
             elif exc is not None and not isinstance(exc, DeliveryError):
                 raise exc
         if stream.failed is not None:
             outcome.status = Message.Status.ERROR
             outcome.error_code = protocol.DELIVERY_FAILED
             outcome.error_message = "The reply could not be delivered live; reload to see the text saved so far."
+            outcome.error_detail = str(stream.failed)
         if not outcome.completion_tokens:
             outcome.completion_tokens = deltas
         return outcome

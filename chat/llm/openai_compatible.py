@@ -47,7 +47,6 @@ class OpenAICompatibleProvider:
         """
         completion_tokens = 0
         usage = None
-        streaming = False
         try:
             async with self.client.chat.completions.with_streaming_response.create(
                 model=self.model_name,
@@ -57,13 +56,14 @@ class OpenAICompatibleProvider:
                 stream=True,
                 stream_options={"include_usage": True},
             ) as response:
-                streaming = True
                 async for data in server_sent_data(response.iter_lines()):
                     if data == "[DONE]":
                         break
                     event = json.loads(data)
                     if event.get("error"):
-                        raise ProviderError(PROVIDER_ERROR, f"The model failed mid-reply: {_error_text(event)}")
+                        raise ProviderError(
+                            PROVIDER_ERROR, "The model failed part-way through its reply.", _error_text(event)
+                        )
                     if event.get("usage"):
                         usage = Usage(event["usage"].get("prompt_tokens"), event["usage"].get("completion_tokens"))
                     for choice in event.get("choices") or ():
@@ -74,20 +74,28 @@ class OpenAICompatibleProvider:
         except ProviderError:
             raise
         except openai.AuthenticationError:
-            raise ProviderError(PROVIDER_ERROR, f"The model endpoint {self.base_url} refused the API key.") from None
-        except (openai.APITimeoutError, httpx2.TimeoutException):
-            when = " (mid-reply)" if streaming else ""
             raise ProviderError(
-                PROVIDER_ERROR, f"The model endpoint {self.base_url} did not answer in time{when}."
+                PROVIDER_ERROR, "The model provider refused this site's credentials.", f"{self.base_url}: 401/403"
+            ) from None
+        except (openai.APITimeoutError, httpx2.TimeoutException):
+            when = "part-way through its reply" if completion_tokens else "to start its reply"
+            raise ProviderError(
+                PROVIDER_ERROR, f"The model took too long {when}.", f"{self.base_url}: timed out {when}"
             ) from None
         except openai.APIConnectionError:
-            raise ProviderError(PROVIDER_ERROR, f"Could not reach the model endpoint {self.base_url}.") from None
+            raise ProviderError(
+                PROVIDER_ERROR, "The model provider could not be reached.", f"{self.base_url}: no connection"
+            ) from None
         except openai.APIStatusError as exc:
             raise ProviderError(
-                PROVIDER_ERROR, f"The model endpoint answered {exc.status_code}: {_short(exc.message)}"
+                PROVIDER_ERROR,
+                f"The model provider answered with an error ({exc.status_code}).",
+                f"{self.base_url}: {exc.status_code} {_short(exc.message)}",
             ) from None
         except Exception as exc:  # noqa: BLE001 - any failure of the stream is the provider's
-            raise ProviderError(PROVIDER_ERROR, f"The model stream broke off: {_short(str(exc))}") from None
+            raise ProviderError(
+                PROVIDER_ERROR, "The model's reply broke off.", f"{self.base_url}: {_short(repr(exc))}"
+            ) from None
         yield usage or Usage(None, completion_tokens)
 
 

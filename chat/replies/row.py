@@ -39,6 +39,7 @@ class Outcome:
     first_token_ms: int | None = None
     error_code: str = ""
     error_message: str = ""
+    error_detail: str = ""
 
 
 def flush(texts: dict[int, str]) -> set[int]:
@@ -74,6 +75,7 @@ def finish(reply_id: int, outcome: Outcome, content: str, latency_ms: int) -> bo
             latency_ms=latency_ms,
             error_code=outcome.error_code,
             error_message=outcome.error_message,
+            error_detail=outcome.error_detail,
             control_channel="",
             updated_at=timezone.now(),
         )
