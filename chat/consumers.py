@@ -17,7 +17,7 @@ from chat.flows import answer
 from chat.llm import ProviderError, get_provider
 from chat.models import Message
 from chat.protocol import ProtocolError
-from chat.replies import events
+from chat.replies import control, events
 from chat.replies.control import ControlDispatcher
 from chat.replies.join import Join
 from chat.services import db
@@ -67,6 +67,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         if size > settings.CHAT_HARD_FRAME_BYTES:
             await self.close(code=protocol.CLOSE_TOO_BIG)
             return
+        frame = None
         try:
             frame = protocol.parse(text_data, size)
             if isinstance(frame, protocol.Open):
@@ -83,8 +84,10 @@ class ChatConsumer(AsyncWebsocketConsumer):
             await self._log_out()
         except Exception:  # noqa: BLE001 - one bad frame must not take the socket down
             logger.exception("failed to handle a frame from user %s", self.user.pk)
+            # A send's client_id lets the page offer to resend it: the same client_id makes that safe.
+            client_id = frame.client_id if isinstance(frame, protocol.Send) else None
             await self.send_frame(
-                protocol.error(protocol.INTERNAL_ERROR, "The server failed to handle that; try again.")
+                protocol.error(protocol.INTERNAL_ERROR, "The server failed to handle that; try again.", client_id)
             )
 
     def as_user(self, fn: Callable[..., T]) -> Callable[..., Awaitable[T]]:
@@ -151,8 +154,10 @@ class ChatConsumer(AsyncWebsocketConsumer):
         await self._subscribe(conversation.pk)
         payloads = [protocol.message(row) for row in rows]
 
-        async def send_history(text: str = "", final: Message | None = None, index: int = -1) -> None:
-            if index >= 0:
+        async def send_history(text: str | None = "", final: Message | None = None, index: int = -1) -> None:
+            if index >= 0 and text is None:
+                del payloads[index]  # deleted while we asked for its text
+            elif index >= 0:
                 payloads[index] = protocol.message(final) if final else {**payloads[index], "content": text}
             await self.send_frame(protocol.history(conversation.pk, conversation.title, payloads))
 
@@ -171,10 +176,34 @@ class ChatConsumer(AsyncWebsocketConsumer):
         except ProviderError:
             return ""
 
+    async def _begin(self, begin: Callable[..., services.Turn], *args: Any) -> services.Turn:
+        """``begin`` (begin_turn or begin_regenerate) as this user; if a reply left `streaming` by a process
+        that is gone holds the conversation, that reply is ended as `interrupted` and ``begin`` tried again."""
+        try:
+            return await self.as_user(begin)(self.user, *args)
+        except services.Busy as busy:
+            reply = busy.reply
+            if reply is None or await control.is_running(self.channel_layer, reply.pk, reply.control_channel):
+                raise
+            ended = await db(services.interrupt_if_dead)(reply.pk)
+            if ended is None:
+                raise
+            logger.warning("reply %s was left streaming by a process that is gone: interrupted", reply.pk)
+            # Sockets still showing it as streaming learn how it ended.
+            await self.channel_layer.group_send(
+                events.group_name(ended.conversation_id), events.frames(protocol.done_for(ended))
+            )
+            return await self.as_user(begin)(self.user, *args)
+
     async def send_message(self, frame: protocol.Send) -> None:
-        control = await ControlDispatcher.address(self.channel_layer)
-        turn = await self.as_user(services.begin_turn)(
-            self.user, frame.conversation_id, frame.client_id, frame.content, self._model_name(), control
+        control_address = await ControlDispatcher.address(self.channel_layer)
+        turn = await self._begin(
+            services.begin_turn,
+            frame.conversation_id,
+            frame.client_id,
+            frame.content,
+            self._model_name(),
+            control_address,
         )
         ack = protocol.ack(frame.client_id, turn.conversation.pk, turn.user_message.pk, turn.reply.pk)
         if turn.replayed:
@@ -209,7 +238,9 @@ class ChatConsumer(AsyncWebsocketConsumer):
     async def _resume(self, reply: Message) -> None:
         """After a replayed send: the reply again from offset 0, then the rest as it streams."""
 
-        async def send_text(text: str, final: Message | None) -> None:
+        async def send_text(text: str | None, final: Message | None) -> None:
+            if text is None:
+                return  # deleted meanwhile: the client re-opens the conversation and sees it gone
             await self.send_frame(protocol.chunk(reply.pk, 0, text))
             if final is not None:
                 await self.send_frame(protocol.done_for(final))
@@ -227,8 +258,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
             await self.channel_layer.send(reply.control_channel, events.stop_request(reply.pk))
 
     async def regenerate(self, frame: protocol.Regenerate) -> None:
-        control = await ControlDispatcher.address(self.channel_layer)
-        turn = await self.as_user(services.begin_regenerate)(self.user, frame.message_id, self._model_name(), control)
+        control_address = await ControlDispatcher.address(self.channel_layer)
+        turn = await self._begin(services.begin_regenerate, frame.message_id, self._model_name(), control_address)
         # Every socket on the conversation, this one included, learns the new reply's id.
         await self._answer(turn, None, events.frames(protocol.message_frame(turn.reply)))
 

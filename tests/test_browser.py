@@ -37,7 +37,7 @@ def browser():
 
 
 def test_log_in_chat_stream_reload_and_other_tab(site, browser):
-    port_a, port_b = site
+    port_a, port_b = site.ports
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     context = browser.new_context(viewport={"width": 1100, "height": 700})
     page = context.new_page()

@@ -204,3 +204,18 @@ async def test_other_tab_sees_new_messages(alice):
     assert frames[0]["message"]["id"] == sent["user_message_id"]
     assert frames[1]["message"]["id"] == sent["assistant_message_id"]
     assert [f for f in frames if f["type"] != "message"] == [f for f in first_frames if f["type"] != "message"]
+
+
+async def test_emoji_and_cjk_round_trip_with_offsets_in_code_points(alice, settings):
+    settings.CHAT_MAX_MESSAGE_CHARS = 12
+    text = "你好世界 🙂🚀 é"  # 9 code points, 11 UTF-16 units, 24 UTF-8 bytes
+    async with Client(alice) as client:
+        ack = await client.say(text)
+        frames = await client.recv_until("done")
+        # The limit counts code points, as offsets do: 12 emoji fit (24 UTF-16 units), 13 do not.
+        assert (await client.say("🙂" * 12, ack["conversation_id"]))["type"] == "ack"
+        await client.recv_until("done")
+        assert (await client.say("🙂" * 13, ack["conversation_id"]))["code"] == "too_large"
+    assert reply_text(frames, ack["assistant_message_id"]) == f"You said: {text}"
+    saved = await Message.objects.aget(pk=ack["user_message_id"])
+    assert saved.content == text

@@ -33,7 +33,7 @@ async def frames_until(ws, kind: str, timeout: float = 20) -> list[dict]:
 
 
 def test_two_processes_share_one_conversation(site):
-    port_a, port_b = site
+    port_a, port_b = site.ports
     cookie = login(port_a)
 
     async def scenario() -> dict:

@@ -173,3 +173,27 @@ async def test_stopping_a_queued_reply_frees_its_place(alice, bob, django_user_m
         await a.send({"type": "stop", "message_id": running["assistant_message_id"]})
         assert (await a.recv_until("done", 30))[-1]["status"] == "stopped"
         assert (await c.recv_until("done", 90))[-1]["status"] == "complete"
+
+
+async def test_one_user_cannot_fill_the_shared_queue(alice, bob, local_model):
+    provider = await one_place_queue(local_model, 48)
+    local_model.LOCAL_MODEL_QUEUE = 3
+    local_model.LOCAL_MODEL_QUEUE_PER_USER = 1
+    provider.queue_limit = 3
+    async with Client(alice) as a1, Client(alice) as a2, Client(alice) as a3, Client(bob) as b:
+        await a1.say("Tell me about the sea.")
+        await a1.recv_until("chunk", 60)  # generating
+        await a2.say("Tell me about the sky.")
+        for _ in range(100):  # alice's second message waits: her share of the queue is used
+            if provider._waiting:
+                break
+            await asyncio.sleep(0.02)
+        await a3.say("Tell me about the land.")
+        refused = (await a3.recv_until("done", 30))[-1]
+        await b.say("Tell me about the wind.")  # the queue still has places for others
+        bob_frames = await b.recv_until("done", 120)
+        await a1.recv_until("done", 90)
+        await a2.recv_until("done", 90)
+    assert refused["status"] == "error" and refused["error"]["code"] == "busy"
+    assert "You have 1 messages waiting" in refused["error"]["message"]
+    assert bob_frames[-1]["status"] == "complete"

@@ -1,14 +1,17 @@
 """The running-reply mechanisms one at a time: joining mid-stream, the row's one writer, failed delivery."""
 
 import asyncio
+from datetime import timedelta
 
 import pytest
 from channels.layers import InMemoryChannelLayer
+from django.utils import timezone
 
 from chat import protocol, services
 from chat.flows import answer
 from chat.models import Conversation, Message
-from chat.replies import events, row
+from chat.replies import control, events, row
+from chat.replies.control import ControlDispatcher
 from chat.replies.join import Join, trim
 from chat.replies.row import Outcome
 from chat.replies.stream import ReplyStream
@@ -203,3 +206,28 @@ async def test_a_reply_publishes_nothing_before_it_is_ready():
     frames = [frame for event in layer.sent for frame in event["frames"]]
     assert {frame["type"] for frame in frames} == {"chunk", "status"}
     assert stream.text == "Hello"
+
+
+# --- a reply whose process is gone ------------------------------------------------------------
+
+
+async def test_is_running_asks_the_replys_process():
+    layer = InMemoryChannelLayer()
+    address = await ControlDispatcher.address(layer)
+    stream = ReplyStream(layer, conversation_id=1, reply_id=4242)
+    control.register(stream)
+    try:
+        assert await control.is_running(layer, 4242, address)
+        assert not await control.is_running(layer, 4243, address)  # alive, but not running that reply
+        assert not await control.is_running(layer, 4242, "specific.nobody-listens")  # no answer in time
+    finally:
+        control.unregister(stream)
+
+
+async def test_a_silent_process_s_reply_is_interrupted_only_once_its_flushes_stopped(alice):
+    reply = await streaming_reply(alice, content="saved so far")
+    # Flushed a moment ago: its process may only be slow to answer. Left alone.
+    assert await services.db(services.interrupt_if_dead)(reply.pk) is None
+    await Message.objects.filter(pk=reply.pk).aupdate(updated_at=timezone.now() - timedelta(seconds=5))
+    ended = await services.db(services.interrupt_if_dead)(reply.pk)
+    assert (ended.status, ended.content, ended.error_code) == ("interrupted", "saved so far", "interrupted")

@@ -40,6 +40,7 @@ def new_store(turn: services.Turn, stream: ReplyStream) -> dict[str, Any]:
         "conversation_id": turn.conversation.pk,
         "user_message_id": turn.user_message.pk,
         "reply_id": turn.reply.pk,
+        "user_id": turn.conversation.owner_id,
         "question": turn.user_message.content,
         # A conversation made by this send has no history: LoadHistory need not ask the database.
         "new_conversation": turn.created_conversation,
@@ -122,16 +123,16 @@ class StreamAnswer(AsyncNode):
     """Streams the model's answer through the ReplyStream until it ends, fails or is stopped."""
 
     async def prep_async(self, shared: dict[str, Any]) -> tuple:
-        return shared["provider"], shared["prompt"], shared["stream"], shared["started"]
+        return shared["provider"], shared["prompt"], shared["stream"], shared["started"], shared["user_id"]
 
     async def exec_async(self, prep_res: tuple) -> Outcome:
-        provider, prompt, stream, started = prep_res
+        provider, prompt, stream, started, user_id = prep_res
         outcome = Outcome(Message.Status.COMPLETE, completion_tokens=0)
         deltas = 0
 
         async def consume() -> None:
             nonlocal deltas
-            events = provider.stream(prompt)
+            events = provider.stream(prompt, user_id)
             try:
                 async for event in events:
                     if isinstance(event, str):

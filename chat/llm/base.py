@@ -58,7 +58,9 @@ class Provider(Protocol):
     max_tokens: int
     system_prompt: str
 
-    def stream(self, messages: ChatMessages) -> AsyncIterator[str | Usage | Status]: ...
+    def stream(self, messages: ChatMessages, user_id: int | None = None) -> AsyncIterator[str | Usage | Status]:
+        """The reply's text deltas (and progress, and usage); ``user_id`` says whose turn it is (for fair shares)."""
+        ...
 
     def count_tokens(self, messages: ChatMessages) -> int:
         """Tokens the prompt made of ``messages`` takes, as the model counts them."""

@@ -54,6 +54,8 @@ class Job:
     #: Hands an event to the asking event loop (thread-safe).
     put: Callable[[Any], None]
     cancel: threading.Event = field(default_factory=threading.Event)
+    #: The asking user's id, for the per-user share of the queue.
+    owner: int | None = None
 
 
 class LocalProvider:
@@ -150,7 +152,7 @@ class LocalProvider:
 
     # --- generating -----------------------------------------------------------------------
 
-    async def stream(self, messages: ChatMessages) -> AsyncIterator[str | Usage | Status]:
+    async def stream(self, messages: ChatMessages, user_id: int | None = None) -> AsyncIterator[str | Usage | Status]:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
 
@@ -160,11 +162,17 @@ class LocalProvider:
             except RuntimeError:
                 job.cancel.set()  # the asking event loop is gone: nobody wants more tokens
 
-        job = Job(put=put)
+        job = Job(put=put, owner=user_id)
         with self._waiting_lock:
             if len(self._waiting) >= self.queue_limit:
                 raise ProviderError(
                     BUSY, f"The local model has {len(self._waiting)} requests waiting; try again in a moment."
+                )
+            # A fair share: one user's sends cannot fill the queue that everyone shares.
+            mine = sum(1 for waiting in self._waiting if user_id is not None and waiting.owner == user_id)
+            if mine >= settings.LOCAL_MODEL_QUEUE_PER_USER:
+                raise ProviderError(
+                    BUSY, f"You have {mine} messages waiting for the offline model; try again when one has started."
                 )
             self._waiting.append(job)
             ahead = len(self._waiting) - 1 + (self._running is not None)

@@ -37,7 +37,7 @@ class OpenAICompatibleProvider:
         # over-counts English a little, which errs on the side of fitting.
         return sum(len(m["content"]) // 3 + 4 for m in messages)
 
-    async def stream(self, messages: ChatMessages) -> AsyncIterator[str | Usage | Status]:
+    async def stream(self, messages: ChatMessages, user_id: int | None = None) -> AsyncIterator[str | Usage | Status]:
         """The reply's text deltas, then its Usage.
 
         The request goes through the openai client (auth, retries, time-outs,

@@ -25,6 +25,8 @@ logger = logging.getLogger(__name__)
 STREAMS: dict[int, ReplyStream] = {}
 # Pause before listening again after a failure.
 RETRY_PAUSE = 0.5
+# How long ``is_running`` waits for a reply's process to answer.
+PROBE_TIMEOUT = 1.0
 
 
 def register(stream: ReplyStream) -> None:
@@ -33,6 +35,24 @@ def register(stream: ReplyStream) -> None:
 
 def unregister(stream: ReplyStream) -> None:
     STREAMS.pop(stream.reply_id, None)
+
+
+async def is_running(layer: BaseChannelLayer, reply_id: int, control_channel: str) -> bool:
+    """Whether a process still runs this reply: its control address is asked, as a joining socket asks it.
+
+    No answer in PROBE_TIMEOUT, or "not running here", is False: the process
+    died or the reply ended. (A live but slow process is told apart by the
+    row's flush time: services.interrupt_if_dead.)
+    """
+    if not control_channel:
+        return False
+    channel = await layer.new_channel()
+    await layer.send(control_channel, events.snapshot_request(reply_id, channel))
+    try:
+        answer = await asyncio.wait_for(layer.receive(channel), PROBE_TIMEOUT)
+    except TimeoutError:
+        return False
+    return answer["content"] is not None
 
 
 class ControlDispatcher:

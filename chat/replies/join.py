@@ -17,7 +17,7 @@ from typing import Any
 
 from channels.layers import BaseChannelLayer
 
-from chat import protocol
+from chat import protocol, services
 from chat.models import Message
 from chat.replies import events
 from chat.services import db
@@ -25,8 +25,9 @@ from chat.services import db
 # How long a joining socket waits for a running generation to tell its text so far.
 SNAPSHOT_TIMEOUT = 2.0
 
-# Called with the text so far, and the final row if the reply has ended meanwhile.
-Then = Callable[[str, Message | None], Awaitable[None]]
+# Called with the text so far, and the final row if the reply has ended meanwhile;
+# with (None, None) if the reply's row was deleted meanwhile (by an admin).
+Then = Callable[[str | None, Message | None], Awaitable[None]]
 
 
 def trim(held: list[dict[str, Any]], message_id: str, known: int, shown: frozenset[str]) -> list[dict[str, Any]]:
@@ -98,9 +99,17 @@ class Join:
         if text is None:
             # No answer from a generating process: the database knows.
             row = await db(Message.objects.filter(pk=int(message_id)).first)()
-            if row is None:  # deleted meanwhile: nothing to show or release
-                self.held = None
-                return []
+            if row is None:  # deleted meanwhile: the socket is told so, and nothing of it is released
+                await then(None, None)
+                held, self.held = self.held or [], None
+                return [
+                    f
+                    for f in held
+                    if f.get("message_id") != message_id and f.get("message", {}).get("id") != message_id
+                ]
+            if row.status == Message.Status.STREAMING:
+                # Still `streaming`, yet its process did not answer: if it is gone, the reply ends here.
+                row = await db(services.interrupt_if_dead)(row.pk) or row
             text, final = row.content, (row if row.status != Message.Status.STREAMING else None)
         await then(text, final)
         held, self.held = self.held or [], None

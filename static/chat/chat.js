@@ -206,7 +206,7 @@
     event.preventDefault();
     const content = input.value;
     if (!content.trim() || streamingId) return;
-    if (content.length > maxChars) { toast(`Messages can be at most ${maxChars} characters.`); return; }
+    if (cpLength(content) > maxChars) { toast(`Messages can be at most ${maxChars} characters.`); return; }
     const clientId = uuid();
     pending.set(clientId, {content, el: bubble("user", content, "sending")});
     input.value = "";

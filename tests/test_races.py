@@ -1,0 +1,134 @@
+"""Races found by reading the code, each forced to happen (not hoped for)."""
+
+import asyncio
+import threading
+import time
+import uuid
+
+import pytest
+from django.db import connection, transaction
+
+from chat import services
+from chat.consumers import ChatConsumer
+from chat.models import Conversation, Message
+from chat.replies import row
+from chat.replies.row import Outcome
+from tests.conftest import Client
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def in_thread(fn, *args):
+    """Run ``fn`` in a thread of its own (its own database connection); returns (thread, results)."""
+    results: list = []
+
+    def run() -> None:
+        try:
+            results.append(fn(*args))
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            results.append(exc)
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, results
+
+
+def test_a_flush_that_waits_on_the_final_write_does_not_overwrite_it(alice):
+    conversation = Conversation.objects.create(owner=alice)
+    question = Message.objects.create(conversation=conversation, role="user", content="q")
+    reply = Message.objects.create(conversation=conversation, role="assistant", status="streaming",
+                                   content="partial", reply_to=question)  # fmt: skip
+    finishing, release = threading.Event(), threading.Event()
+
+    def final_write() -> None:
+        with transaction.atomic():
+            row.finish(reply.pk, Outcome("complete", 3, 5), "the whole answer", 10)
+            finishing.set()
+            release.wait(5)  # the final write holds the row, uncommitted
+
+    finisher, _ = in_thread(final_write)
+    assert finishing.wait(5)
+    flusher, flushed = in_thread(row.flush, {reply.pk: "partial, and a bit more"})
+    time.sleep(0.3)
+    assert flusher.is_alive()  # the heartbeat's flush waits on the row lock
+    release.set()
+    finisher.join(5)
+    flusher.join(5)
+    assert flushed == [set()]  # re-checked after the commit: no longer streaming, not written
+    reply.refresh_from_db()
+    assert (reply.status, reply.content) == ("complete", "the whole answer")
+
+
+def test_two_resends_of_one_client_id_racing_make_one_conversation(alice, monkeypatch):
+    client_id = str(uuid.uuid4())
+    create = Conversation.objects.create
+    first = threading.Event()
+
+    def slow_create(**fields):
+        if not first.is_set():
+            first.set()
+            time.sleep(0.5)  # the second send arrives while the first is inside its transaction
+        return create(**fields)
+
+    monkeypatch.setattr(Conversation.objects, "create", slow_create)
+    a, a_turn = in_thread(services.begin_turn, alice, None, client_id, "hello", "m", "")
+    assert first.wait(5)
+    b, b_turn = in_thread(services.begin_turn, alice, None, client_id, "hello", "m", "")
+    a.join(5)
+    b.join(5)
+    assert Conversation.objects.count() == 1
+    assert a_turn[0].user_message.pk == b_turn[0].user_message.pk
+    assert (a_turn[0].replayed, b_turn[0].replayed) == (False, True)
+
+
+async def test_a_channel_layer_failure_after_the_commit_leaves_no_orphan_streaming_row(alice, monkeypatch):
+    subscribe = ChatConsumer._subscribe
+    calls = 0
+
+    async def failing_once(self, conversation_id):
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise ConnectionError("Redis went away")
+        await subscribe(self, conversation_id)
+
+    monkeypatch.setattr(ChatConsumer, "_subscribe", failing_once)
+    client_id = str(uuid.uuid4())
+    async with Client(alice) as client:
+        answer = await client.say("[tokens=5]", client_id=client_id)
+        assert answer["code"] == "internal_error" and answer["client_id"] == client_id
+        # The reply was started before anything could fail: it ends and is saved, not left `streaming`.
+        reply = await Message.objects.aget(role="assistant")
+        for _ in range(50):
+            await reply.arefresh_from_db()
+            if reply.status != "streaming":
+                break
+            await asyncio.sleep(0.1)
+        assert (reply.status, reply.content) == ("complete", "t0 t1 t2 t3 t4 ")
+        # The page's resend (same client_id) gets the reply, and the conversation takes a new message.
+        ack = await client.say("[tokens=5]", client_id=client_id)
+        assert ack["type"] == "ack" and ack["assistant_message_id"] == str(reply.pk)
+        frames = await client.recv_until("done")
+        assert frames[0] == {"type": "chunk", "message_id": str(reply.pk), "offset": 0, "delta": "t0 t1 t2 t3 t4 "}
+        assert (await client.say("more", ack["conversation_id"]))["type"] == "ack"
+        await client.recv_until("done")
+
+
+async def test_a_reply_deleted_while_a_socket_joins_it_is_left_out_of_history(alice, monkeypatch):
+    monkeypatch.setattr("chat.replies.join.SNAPSHOT_TIMEOUT", 0.5)
+    conversation = await Conversation.objects.acreate(owner=alice)
+    question = await Message.objects.acreate(conversation=conversation, role="user", content="q")
+    # A streaming reply whose process does not answer snapshot requests: the socket waits, then reads the row.
+    reply = await Message.objects.acreate(conversation=conversation, role="assistant", status="streaming",
+                                          reply_to=question, control_channel="")  # fmt: skip
+    async with Client(alice) as client:
+        await client.send({"type": "open", "conversation_id": str(conversation.pk)})
+        await asyncio.sleep(0.1)
+        await Message.objects.filter(pk=reply.pk).adelete()  # an admin deletes it meanwhile
+        history = await client.recv()
+        assert history["type"] == "history"
+        assert [m["id"] for m in history["messages"]] == [str(question.pk)]
+        assert (await client.say("still works?", str(conversation.pk)))["type"] == "ack"
+        await client.recv_until("done")
