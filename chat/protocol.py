@@ -26,6 +26,8 @@ NOT_CONFIGURED = "not_configured"
 INTERNAL_ERROR = "internal_error"
 # A reply whose frames the channel layer would not take (in `done`): the text so far is saved.
 DELIVERY_FAILED = "delivery_failed"
+# A reply whose final write failed (in `done`): the database keeps its last flush.
+SAVE_FAILED = "save_failed"
 
 # Close codes.
 CLOSE_TOO_BIG = 1009

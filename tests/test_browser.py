@@ -87,4 +87,12 @@ def test_log_in_chat_stream_reload_and_other_tab(site, browser):
     expect(page.locator(".message.assistant").last).to_have_attribute("data-status", "stopped")
     expect(page.locator(".message.assistant .meta").last).to_have_text("Stopped")
     page.screenshot(path=SCREENSHOTS / "stopped.png")
+
+    # Logged out in the other tab: this tab's next message takes it to the login page, which says why.
+    other.click("text=Log out")
+    page.fill("#input", "Am I still in?")
+    page.keyboard.press("Enter")
+    expect(page).to_have_url(re.compile(r"/accounts/login/\?session=ended&next=%2Fc%2F\d+%2F"))
+    expect(page.locator(".notice")).to_have_text("Your session has ended. Log in again to go on.")
+    page.screenshot(path=SCREENSHOTS / "session-ended.png")
     context.close()

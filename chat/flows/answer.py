@@ -194,7 +194,19 @@ class Persist(AsyncNode):
         stream, row, outcome, started = prep_res
         await stream.close()
         control.unregister(stream)
-        await row.finish(outcome, stream.text, int((time.monotonic() - started) * 1000))
+        try:
+            await row.finish(outcome, stream.text, int((time.monotonic() - started) * 1000))
+        except Exception as exc:  # noqa: BLE001 - the database is down: the sockets must still hear how it ended
+            logger.exception("reply %s: the final write failed", stream.reply_id)
+            # The row keeps its last flush and is recovered as `interrupted` once its process no longer runs it.
+            outcome = Outcome(
+                Message.Status.ERROR,
+                outcome.prompt_tokens,
+                outcome.completion_tokens,
+                error_code=protocol.SAVE_FAILED,
+                error_message="This reply could not be saved; when you reload, it may end earlier.",
+                error_detail=repr(exc),
+            )
         frame = protocol.done(
             stream.reply_id,
             outcome.status,

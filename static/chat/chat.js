@@ -37,13 +37,26 @@
         send({type: "send", conversation_id: conversationId, client_id: clientId, content: p.content});
       }
     };
-    socket.onmessage = (event) => handle(JSON.parse(event.data));
+    socket.onmessage = (event) => { lastFrameAt = Date.now(); handle(JSON.parse(event.data)); };
     socket.onclose = (event) => {
       connection.hidden = false;
-      if (event.code === 4401) { location.href = "/accounts/login/?next=" + encodeURIComponent(location.pathname); return; }
+      if (event.code === 4401) { // the login ended (logged out elsewhere, expired): say so on the login page
+        location.href = "/accounts/login/?session=ended&next=" + encodeURIComponent(location.pathname);
+        return;
+      }
       setTimeout(connect, Math.min(10000, 500 * 2 ** retry++));
     };
   }
+
+  // A reply that has gone silent (its frames lost while Redis was down, say): ask the server how it stands.
+  // `open` is answered from the database, so it works even when the channel layer does not.
+  let lastFrameAt = Date.now();
+  setInterval(() => {
+    if (streamingId && conversationId && Date.now() - lastFrameAt > 20000) {
+      lastFrameAt = Date.now();
+      send({type: "open", conversation_id: conversationId});
+    }
+  }, 5000);
 
   // Frames sent while the socket is down wait here ("send" frames wait in `pending` instead).
   const outbox = [];
