@@ -105,3 +105,39 @@ def test_two_processes_share_one_conversation(site):
 
     result = asyncio.run(scenario())
     print(f"\ntime to first chunk through daphne + Redis: {result['first_chunk_s'] * 1000:.0f} ms")
+
+
+def test_a_resend_on_another_process_resumes_the_reply_without_gap(site):
+    """The page lost its socket to process A before the `ack`, reconnected to B and sent again (same client_id):
+    B answers with the same ids, the text so far from A, then the rest as A streams it."""
+    port_a, port_b = site.ports
+    cookie = login(port_a)
+    client_id = str(uuid.uuid4())
+    frame = json.dumps({"type": "send", "conversation_id": None, "client_id": client_id,
+                        "content": "[tokens=150][delay=0.02]"})  # fmt: skip
+
+    def ws(port: int):
+        return connect(f"ws://127.0.0.1:{port}/ws/chat/", additional_headers={"Cookie": cookie},
+                       origin=f"http://127.0.0.1:{port}")  # fmt: skip
+
+    async def scenario() -> tuple[dict, list[dict]]:
+        async with ws(port_a) as a:
+            await a.send(frame)
+            first = json.loads(await a.recv())
+            await frames_until(a, "chunk")
+        await asyncio.sleep(0.5)  # the reply streams on in process A with nobody watching
+        async with ws(port_b) as b:
+            await b.send(frame)
+            return first, await frames_until(b, "done")
+
+    first, frames = asyncio.run(scenario())
+    ack, rest = frames[0], frames[1:]
+    assert ack == first  # the same conversation and message ids: nothing was made twice
+    chunks = [f for f in rest if f["type"] == "chunk"]
+    assert chunks[0]["offset"] == 0 and len(chunks[0]["delta"]) > 0  # the text so far, at once
+    text = ""
+    for chunk in chunks:
+        assert chunk["offset"] == len(text), "a gap or a repeat"
+        text += chunk["delta"]
+    assert text == "".join(f"t{i} " for i in range(150))
+    assert rest[-1]["status"] == "complete"
