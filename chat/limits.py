@@ -1,7 +1,9 @@
 """What one user, or one address, may do: counted where every process sees the count.
 
 - Replies being written at once, and conversations, per user: counted in
-  PostgreSQL inside ``begin_turn``, under the user's lock, so they are exact.
+  PostgreSQL inside ``begin_turn``. Sends of one user that arrive at the same
+  instant are not serialised (that made a user's tabs queue behind each other
+  under load), so such a burst can pass the limit by the number racing.
 - Messages per minute per user, sign-ups per address per hour, failed logins
   per username and per address: counters in Redis (INCR in a fixed window;
   ``retry_after`` is the time left in the window).
@@ -86,7 +88,7 @@ def count(key: str, window: int) -> tuple[int, int]:
     return int(client.get(name) or 0), left
 
 
-# --- chat turns (in begin_turn's transaction, after the user's lock) --------------------------
+# --- chat turns (in begin_turn's transaction) ---------------------------------------------------
 
 
 def check_turn(user, client_id: str | None, *, new_conversation: bool) -> None:

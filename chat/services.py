@@ -19,8 +19,8 @@ from chat.models import Conversation, Message
 from chat.protocol import ProtocolError
 
 TITLE_CHARS = 80
-# The first key of this project's per-user advisory locks (the second is the user's id).
-USER_LOCK = 0x43484154  # "CHAT"
+# The first key of this project's advisory locks on a send's client_id (the second is the client_id's hash).
+SEND_LOCK = 0x43484154  # "CHAT"
 
 
 def db(fn):
@@ -151,16 +151,17 @@ def _new_reply(
         raise Busy(conversation.messages.filter(status=Message.Status.STREAMING).first()) from None
 
 
-def _lock_user(user) -> None:
-    """Serialise this user's turns (so each of their conversations' sends) until the transaction ends, across
-    processes.
+def _lock_send(client_id: str) -> None:
+    """Serialise the sends of one client_id until the transaction ends, across processes.
 
-    A resend (same client_id) that races the first send then sees its rows
-    instead of making a second conversation: the unique constraint cannot
-    catch that, as the two sends would make two conversations.
+    A resend that races the first send then finds its rows instead of making
+    a second conversation (no unique constraint can catch that: the two sends
+    would make two conversations). Only sends of the same client_id wait on
+    each other: a lock per user made a user's tabs queue behind each other,
+    each holding a database thread while it waited (docs/performance.md).
     """
     with connection.cursor() as cursor:
-        cursor.execute("SELECT pg_advisory_xact_lock(%s, %s)", [USER_LOCK, user.pk])
+        cursor.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", [SEND_LOCK, client_id])
 
 
 def begin_turn(
@@ -168,7 +169,7 @@ def begin_turn(
 ) -> Turn:
     """Save the user's message and an empty `streaming` reply, or find the earlier send with this client_id."""
     with transaction.atomic():
-        _lock_user(user)
+        _lock_send(client_id)
         known = (
             Message.objects.select_related("conversation").filter(client_id=client_id, conversation__owner=user).first()
         )
@@ -179,7 +180,9 @@ def begin_turn(
             limits.check_turn(user, client_id, new_conversation=True)
             conversation = Conversation.objects.create(owner=user, title=_title(content))
         else:
-            conversation = get_conversation(user, conversation_id)  # its sends are serialised by the user lock
+            conversation = get_conversation(user, conversation_id)
+            # Serialise sends to one conversation.
+            Conversation.objects.select_for_update().filter(pk=conversation.pk).first()
             recover_stale(conversation.pk)
             streaming = conversation.messages.filter(status=Message.Status.STREAMING).first()
             if streaming is not None:
@@ -197,12 +200,13 @@ def begin_turn(
 def begin_regenerate(user, message_id: str, model_name: str, control_channel: str) -> Turn:
     """A new `streaming` reply to the user message that ``message_id`` is, or answers."""
     with transaction.atomic():
-        _lock_user(user)
         target = get_message(user, message_id)
         user_message = target if target.role == Message.Role.USER else target.reply_to
         if user_message is None:
             raise ProtocolError(protocol.BAD_REQUEST, "This message has nothing to regenerate.")
         conversation = target.conversation
+        # Serialise regenerates and sends to one conversation.
+        Conversation.objects.select_for_update().filter(pk=conversation.pk).first()
         limits.check_turn(user, None, new_conversation=False)
         recover_stale(conversation.pk)
         reply = _new_reply(conversation, user_message, model_name, control_channel)
