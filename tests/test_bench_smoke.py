@@ -1,5 +1,7 @@
 """The load benchmark's harness at N = 2, so it cannot rot: all three systems, every reply whole."""
 
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -12,11 +14,18 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_load_benchmark_runs_at_n_2():
-    run = subprocess.run(
+    # A session of its own, so that on a time-out the harness's servers are killed with it, not left running.
+    bench = subprocess.Popen(
         [sys.executable, "bench/load.py", "--points", "2", "--users", "2", "--tokens", "20", "--pause", "0",
          "--timeout", "60", "--queries"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
     )  # fmt: skip
+    try:
+        stdout, stderr = bench.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(bench.pid, signal.SIGKILL)
+        raise
+    run = subprocess.CompletedProcess(bench.args, bench.returncode, stdout, stderr)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     for system in ("floor", "fastapi", "site"):
         assert any(line.split()[1:3] == [system, "2/2"] for line in run.stdout.splitlines() if line.strip()), system
