@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 
+import redis
 from channels_redis.pubsub import RedisPubSubChannelLayer, RedisSingleShardConnection
 
 
@@ -91,7 +92,12 @@ class PipelinedShard(RedisSingleShardConnection):
             if channels:
                 self._ensure_redis()
                 self._ensure_receiver()
-                await getattr(self._pubsub, kind)(*channels)
+                try:
+                    await getattr(self._pubsub, kind)(*channels)
+                except redis.ConnectionError:
+                    # The connection was dropped (a Redis restart, a killed client) and only found out now;
+                    # redis-py has let it go, so this attempt reconnects (and resubscribes the rest).
+                    await getattr(self._pubsub, kind)(*channels)
                 if subscribing:
                     self._subscribed_to.update(channels)
                 else:

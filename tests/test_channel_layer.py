@@ -53,3 +53,17 @@ async def test_a_subscribe_and_an_unsubscribe_in_one_batch_apply_in_order():
     assert counts == [0, 1]
     await layer.group_send("rejoined", {"type": "t", "n": 1})
     assert (await asyncio.wait_for(layer.receive(second), 5))["n"] == 1
+
+
+async def test_a_subscription_right_after_the_connection_was_dropped_still_takes():
+    """A killed connection is only found out by the next command on it: that one is tried again."""
+    layer = get_channel_layer()
+    channel = await layer.new_channel()
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    try:
+        assert await client.client_kill_filter(_type="pubsub") >= 1
+    finally:
+        await client.aclose()
+    await layer.group_add("after-the-drop", channel)
+    await layer.group_send("after-the-drop", {"type": "t", "n": 7})
+    assert (await asyncio.wait_for(layer.receive(channel), 5))["n"] == 7
