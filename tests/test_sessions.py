@@ -58,7 +58,7 @@ async def test_a_socket_that_only_receives_is_closed_soon_after_its_session_expi
         assert (await reader.recv())["type"] == "history"
         await expire(reader)
         # The reader sends nothing; the writer's long reply is pushed to it.
-        await writer.say("[tokens=400][delay=0.01]", first["conversation_id"])
+        await writer.say("[tokens=1000][delay=0.01]", first["conversation_id"])  # 10 s of reply
         received = []
         started = asyncio.get_running_loop().time()
         while True:
@@ -67,7 +67,7 @@ async def test_a_socket_that_only_receives_is_closed_soon_after_its_session_expi
                 break
             received.append(json.loads(output["text"]))
         assert output == CLOSED
-        assert asyncio.get_running_loop().time() - started < 2
+        assert asyncio.get_running_loop().time() - started < 5  # checks every 0.5 s; slack for a busy machine
         # It saw the start of the reply, never its end.
         assert received and all(frame["type"] != "done" for frame in received)
         await writer.recv_until("done")  # the writer's own session is untouched
