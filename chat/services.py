@@ -207,8 +207,8 @@ def begin_regenerate(user, message_id: str, model_name: str, control_channel: st
         conversation = target.conversation
         # Serialise regenerates and sends to one conversation.
         Conversation.objects.select_for_update().filter(pk=conversation.pk).first()
-        limits.check_turn(user, None, new_conversation=False)
         recover_stale(conversation.pk)
+        limits.check_turn(user, None, new_conversation=False)
         reply = _new_reply(conversation, user_message, model_name, control_channel)
         conversation.save(update_fields=["updated_at"])
     return Turn(conversation, user_message, reply)

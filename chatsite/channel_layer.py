@@ -18,98 +18,97 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import redis
 from channels_redis.pubsub import RedisPubSubChannelLayer, RedisSingleShardConnection
 
 
+class Batches:
+    """Requests made while earlier ones are on the wire wait, and go out together.
+
+    Each batch is sent as one call of ``send`` per run of requests of the same
+    kind, in arrival order; every caller gets the outcome of its own request's
+    run (the error, if that call failed).
+    """
+
+    def __init__(self, send: Callable[[str, list[Any]], Awaitable[None]]) -> None:
+        self._send = send
+        self._waiting: list[tuple[str, Any, asyncio.Future]] = []
+        self._task: asyncio.Task | None = None
+
+    async def submit(self, kind: str, item: Any) -> None:
+        done = asyncio.get_running_loop().create_future()
+        self._waiting.append((kind, item, done))
+        if self._task is None:
+            self._task = asyncio.create_task(self._run())
+        await done
+
+    async def _run(self) -> None:
+        try:
+            while self._waiting:
+                batch, self._waiting = self._waiting, []
+                for kind, run in itertools.groupby(batch, key=lambda request: request[0]):
+                    run = list(run)
+                    error = None
+                    try:
+                        await self._send(kind, [item for _, item, _ in run])
+                    except Exception as exc:  # noqa: BLE001 - every waiting caller gets the error
+                        error = exc
+                    for _, _, done in run:
+                        if done.done():
+                            continue
+                        if error is None:
+                            done.set_result(None)
+                        else:
+                            done.set_exception(error)
+        finally:
+            self._task = None
+
+
 class PipelinedShard(RedisSingleShardConnection):
     def __init__(self, host, channel_layer) -> None:
         super().__init__(host, channel_layer)
-        self._outbox: list[tuple[str, bytes, asyncio.Future]] = []
-        self._sender: asyncio.Task | None = None
-        self._requests: list[tuple[str, str, asyncio.Future]] = []
-        self._subscriber: asyncio.Task | None = None
+        self._publishes = Batches(self._publish)
+        self._subscriptions = Batches(self._subscribe)
 
     async def publish(self, channel, message) -> None:
-        done = asyncio.get_running_loop().create_future()
-        self._outbox.append((channel, message, done))
-        if self._sender is None:
-            self._sender = asyncio.create_task(self._send())
-        await done
-
-    async def _send(self) -> None:
-        try:
-            while self._outbox:
-                batch, self._outbox = self._outbox, []
-                try:
-                    self._ensure_redis()
-                    pipe = self._redis.pipeline(transaction=False)
-                    for channel, message, _ in batch:
-                        pipe.publish(channel, message)
-                    await pipe.execute()
-                except Exception as exc:  # noqa: BLE001 - every waiting publisher gets the error
-                    for _, _, done in batch:
-                        if not done.done():
-                            done.set_exception(exc)
-                else:
-                    for _, _, done in batch:
-                        if not done.done():
-                            done.set_result(None)
-        finally:
-            self._sender = None
+        await self._publishes.submit("publish", (channel, message))
 
     async def subscribe(self, channel) -> None:
-        await self._request("subscribe", channel)
+        await self._subscriptions.submit("subscribe", channel)
 
     async def unsubscribe(self, channel) -> None:
-        await self._request("unsubscribe", channel)
+        await self._subscriptions.submit("unsubscribe", channel)
 
-    async def _request(self, kind: str, channel: str) -> None:
-        done = asyncio.get_running_loop().create_future()
-        self._requests.append((kind, channel, done))
-        if self._subscriber is None:
-            self._subscriber = asyncio.create_task(self._subscribe_all())
-        await done
+    async def _publish(self, _kind: str, messages: list[tuple[str, bytes]]) -> None:
+        """One pipeline of PUBLISHes."""
+        self._ensure_redis()
+        pipe = self._redis.pipeline(transaction=False)
+        for channel, message in messages:
+            pipe.publish(channel, message)
+        await pipe.execute()
 
-    async def _subscribe_all(self) -> None:
-        try:
-            while self._requests:
-                batch, self._requests = self._requests, []
-                async with self._lock:  # flush() takes it too
-                    for kind, run in itertools.groupby(batch, key=lambda request: request[0]):
-                        await self._apply(kind, list(run))
-        finally:
-            self._subscriber = None
-
-    async def _apply(self, kind: str, run: list[tuple[str, str, asyncio.Future]]) -> None:
-        """One SUBSCRIBE (or UNSUBSCRIBE) for the channels of ``run`` that need it."""
+    async def _subscribe(self, kind: str, requested: list[str]) -> None:
+        """One SUBSCRIBE (or UNSUBSCRIBE) for the requested channels that need it."""
         subscribing = kind == "subscribe"
-        channels = [
-            c for c in dict.fromkeys(channel for _, channel, _ in run) if (c in self._subscribed_to) != subscribing
-        ]
-        try:
-            if channels:
-                self._ensure_redis()
-                self._ensure_receiver()
-                try:
-                    await getattr(self._pubsub, kind)(*channels)
-                except redis.ConnectionError:
-                    # The connection was dropped (a Redis restart, a killed client) and only found out now;
-                    # redis-py has let it go, so this attempt reconnects (and resubscribes the rest).
-                    await getattr(self._pubsub, kind)(*channels)
-                if subscribing:
-                    self._subscribed_to.update(channels)
-                else:
-                    self._subscribed_to.difference_update(channels)
-        except Exception as exc:  # noqa: BLE001 - every waiting caller gets the error
-            for _, _, done in run:
-                if not done.done():
-                    done.set_exception(exc)
-        else:
-            for _, _, done in run:
-                if not done.done():
-                    done.set_result(None)
+        async with self._lock:  # flush() takes it too
+            channels = [c for c in dict.fromkeys(requested) if (c in self._subscribed_to) != subscribing]
+            if not channels:
+                return
+            self._ensure_redis()
+            self._ensure_receiver()
+            try:
+                await getattr(self._pubsub, kind)(*channels)
+            except redis.ConnectionError:
+                # The connection was dropped (a Redis restart, a killed client) and only found out now;
+                # redis-py has let it go, so this attempt reconnects (and resubscribes the rest).
+                await getattr(self._pubsub, kind)(*channels)
+            if subscribing:
+                self._subscribed_to.update(channels)
+            else:
+                self._subscribed_to.difference_update(channels)
 
 
 class PipelinedPubSubChannelLayer(RedisPubSubChannelLayer):
