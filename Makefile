@@ -1,7 +1,8 @@
-# make run   - create .venv, install, migrate, serve on http://127.0.0.1:8000
+# make run   - create .venv, install, migrate, serve on http://127.0.0.1:8000 (with a document worker)
 # make dev   - the same with DEBUG=1 (tracebacks in the browser: never on a public address)
 # make test  - the test suite (what CI runs)
 # make bench-load - the load benchmark sweep (bench/README.md)
+# make bench-ingest - the ingestion benchmark (bench/README.md)
 # make stop  - stop the embedded PostgreSQL and Valkey servers under var/
 
 PYTHON ?= python3
@@ -13,7 +14,7 @@ PORT ?= 8000
 # wheel pip caches runs on any x86-64 (the code sets OMP_WAIT_POLICY=PASSIVE).
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 
-.PHONY: run dev test install lint format stop bench bench-load clean
+.PHONY: run dev test install lint format stop bench bench-load bench-ingest clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,13 +27,16 @@ $(VENV)/.installed: $(BIN)/python requirements.txt requirements-dev.txt requirem
 
 install: $(VENV)/.installed
 
+# The site and one document worker (manage.py worker), stopped together.
+SERVE_WITH_WORKER = $(BIN)/python manage.py worker & worker=$$!; trap 'kill $$worker 2>/dev/null' EXIT INT TERM;
+
 run: install
 	$(BIN)/python manage.py migrate --noinput
-	$(BIN)/python -m chatsite.serve -b $(HOST) -p $(PORT)
+	$(SERVE_WITH_WORKER) $(BIN)/python -m chatsite.serve -b $(HOST) -p $(PORT)
 
 dev: install
 	$(BIN)/python manage.py migrate --noinput
-	DEBUG=1 $(BIN)/python -m chatsite.serve -b $(HOST) -p $(PORT)
+	$(SERVE_WITH_WORKER) DEBUG=1 $(BIN)/python -m chatsite.serve -b $(HOST) -p $(PORT)
 
 test: install
 	$(BIN)/python -m pytest
@@ -51,6 +55,10 @@ bench: install
 # The load sweep (N = 1, 10, 50, 100, 200 against the floor and the FastAPI proxy); table in docs/performance.md.
 bench-load: install
 	$(BIN)/python bench/load.py --queries
+
+# Ingestion: the SQLAlchemy documentation through the pipeline against the embedder alone (bench/README.md).
+bench-ingest: install
+	$(BIN)/python bench/ingest.py
 
 stop:
 	$(BIN)/python -m chatsite.embedded stop

@@ -21,6 +21,7 @@ from chat.replies import control, events
 from chat.replies.control import ControlDispatcher
 from chat.replies.join import Join
 from chat.services import db
+from documents import progress
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -46,6 +47,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
         self.checked_at = time.monotonic()
         self.checking: asyncio.Task | None = None
         await self.accept()
+        # The user's documents report their ingestion progress here (documents/progress.py).
+        await self.channel_layer.group_add(progress.group_name(self.user.pk), self.channel_name)
         try:
             # Someone is about to chat: load the model / build the client now, not on their first message.
             get_provider().warm_up()
@@ -57,6 +60,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
             return  # never logged in
         # Leaving the group does not touch any running generation: it finishes and is saved.
         await self._unsubscribe()
+        await self.channel_layer.group_discard(progress.group_name(self.user.pk), self.channel_name)
         self.join.close()
         if self.checking is not None:
             self.checking.cancel()

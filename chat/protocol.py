@@ -221,3 +221,24 @@ def message_frame(msg: Any) -> dict[str, Any]:
 
 def history(conversation_id: int, title: str, messages: list[dict[str, Any]]) -> dict[str, Any]:
     return {"type": "history", "conversation_id": str(conversation_id), "title": title, "messages": messages}
+
+
+def document(doc: Any, stage: str = "", done: int = 0, total: int = 0) -> dict[str, Any]:
+    """A document's state, pushed to its owner's sockets while it is ingested (an addition to v1).
+
+    ``stage``: "queued", "processing", "parsed", "embedding" (``done`` of ``total`` chunks), "ready"
+    or "failed"; ``document.status`` is the stored status.
+    """
+    return {
+        "type": "document",
+        "document": {
+            "id": str(doc.pk),
+            "title": doc.title,
+            "status": doc.status,
+            "chunk_count": doc.chunk_count,
+            "error": doc.error or None,
+        },
+        "stage": stage or doc.status,
+        "done": done,
+        "total": total,
+    }

@@ -80,7 +80,9 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "channels",
+    "procrastinate.contrib.django",
     "chat",
+    "documents",
 ]
 
 MIDDLEWARE = [
@@ -242,6 +244,38 @@ LOCAL_MODEL_SYSTEM_PROMPT = os.environ.get(
     "You are a helpful assistant. Give short, plain answers.",
 )
 
+# --- Documents (docs/architecture.md, "Documents") ----------------------------------------
+# One upload file at most this big; a bigger one is refused before it is stored.
+DOCUMENTS_MAX_UPLOAD_BYTES = env_int("DOCUMENTS_MAX_UPLOAD_BYTES", 20 * 1024 * 1024)
+# A request body may carry several files (the page sends up to 20 at once).
+DATA_UPLOAD_MAX_NUMBER_FILES = 20
+# Text extracted from one document: beyond this it fails as too long (a 20 MB PDF of text is ~15M chars).
+DOCUMENTS_MAX_CHARS = env_int("DOCUMENTS_MAX_CHARS", 5_000_000)
+DOCUMENTS_LIMIT_PER_USER = env_int("DOCUMENTS_LIMIT_PER_USER", 1000)
+DOCUMENTS_MAX_PDF_PAGES = env_int("DOCUMENTS_MAX_PDF_PAGES", 2000)
+# Chunks, in the embedder's own tokens. MiniLM reads at most 256 tokens (and was trained on
+# 128): 200 leaves room for the heading path that is embedded with each chunk.
+DOCUMENTS_CHUNK_TOKENS = env_int("DOCUMENTS_CHUNK_TOKENS", 200)
+DOCUMENTS_CHUNK_OVERLAP = env_int("DOCUMENTS_CHUNK_OVERLAP", 40)
+# Embedding: the offline model by default; an OpenAI-compatible /v1/embeddings endpoint when
+# EMBEDDING_BASE_URL is set (asked for EMBEDDING_DIMENSIONS-sized vectors, which the index holds).
+EMBEDDING_BASE_URL = os.environ.get("EMBEDDING_BASE_URL", "")
+EMBEDDING_API_KEY = os.environ.get("EMBEDDING_API_KEY", OPENAI_API_KEY)
+EMBEDDING_MODEL = os.environ.get("EMBEDDING_MODEL", "text-embedding-3-small" if EMBEDDING_BASE_URL else "")
+EMBEDDING_BATCH = env_int("EMBEDDING_BATCH", 32)
+# ONNX threads for the local embedder: one leaves the other core of a 2-core machine to the chat.
+EMBEDDING_THREADS = env_int("EMBEDDING_THREADS", 1)
+
+# Ingestion jobs (procrastinate, in PostgreSQL). A worker beats every 5 s; one silent for 30 s is
+# dead and its document's job is run again, at most DOCUMENTS_MAX_ATTEMPTS times in all.
+PROCRASTINATE_WORKER_DEFAULTS = {
+    "queues": ["documents"],
+    "update_heartbeat_interval": env_float("WORKER_HEARTBEAT_SECONDS", 5.0),
+    "stalled_worker_timeout": env_float("WORKER_STALLED_SECONDS", 30.0),
+}
+WORKER_STALLED_SECONDS = env_float("WORKER_STALLED_SECONDS", 30.0)
+DOCUMENTS_MAX_ATTEMPTS = env_int("DOCUMENTS_MAX_ATTEMPTS", 3)
+
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
@@ -252,6 +286,9 @@ LOGGING = {
         # One line per LLM request is noise at INFO.
         "httpx2": {"level": "WARNING"},
         "httpx": {"level": "WARNING"},
+        # One line per job is enough (procrastinate.worker); the rest is start-up chatter.
+        "procrastinate": {"level": "WARNING"},
+        "procrastinate.worker": {"level": "INFO"},
     },
 }
 

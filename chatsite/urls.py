@@ -8,5 +8,6 @@ urlpatterns = [
     path("accounts/login/", views.LoginView.as_view(), name="login"),
     path("accounts/", include("django.contrib.auth.urls")),
     path("admin/", admin.site.urls),
+    path("documents/", include("documents.urls")),
     path("", include("chat.urls")),
 ]

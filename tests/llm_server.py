@@ -12,6 +12,8 @@ in the last user message:
     [status=CODE]   answer with this HTTP status and an error body
     [bad_text]      answer "ok<NUL>ay <lone surrogate> end" (text PostgreSQL cannot store)
 
+POST .../embeddings answers with deterministic vectors of the asked ``dimensions``.
+
 Token times are scheduled from the request's arrival (token i is due at
 first_delay + (i + 1) * delay), so a busy machine delays tokens without
 stretching the whole reply.
@@ -22,6 +24,7 @@ Run it alone with ``python -m tests.llm_server PORT``.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import re
 import sys
@@ -47,6 +50,20 @@ def plan(messages: list[dict]) -> tuple[list[str], dict[str, str]]:
 def expected_reply(content: str) -> str:
     """The text the server streams for a user message ``content``."""
     return "".join(plan([{"role": "user", "content": content}])[0])
+
+
+def _embeddings(request: dict) -> dict:
+    """Deterministic vectors of the asked size: a text's words hashed into buckets (similar texts, near vectors)."""
+    size = int(request.get("dimensions") or 8)
+    texts = request["input"] if isinstance(request["input"], list) else [request["input"]]
+    data = []
+    for index, text in enumerate(texts):
+        vector = [0.0] * size
+        for word in text.lower().split():
+            vector[int(hashlib.sha256(word.encode()).hexdigest(), 16) % size] += 1.0
+        norm = sum(v * v for v in vector) ** 0.5 or 1.0
+        data.append({"object": "embedding", "index": index, "embedding": [v / norm for v in vector]})
+    return {"object": "list", "data": data, "model": request["model"], "usage": {"prompt_tokens": 0, "total_tokens": 0}}
 
 
 def _event(payload: dict) -> bytes:
@@ -123,7 +140,7 @@ class LLMServer:
         except asyncio.IncompleteReadError:
             return False  # the client closed its kept-alive connection
         lines = head.decode("latin-1").split("\r\n")
-        method = lines[0].split(" ", 1)[0]
+        method, target = lines[0].split(" ")[:2]
         headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:] if line)}
         body = await reader.readexactly(int(headers.get("content-length", 0)))
         if method == "GET":
@@ -131,6 +148,9 @@ class LLMServer:
             return True
         request = json.loads(body)
         self.requests.append(request)
+        if target.endswith("/embeddings"):
+            writer.write(_response(200, _embeddings(request)))
+            return True
         if headers.get("authorization") == "Bearer wrong-key":
             error = {"error": {"message": "Incorrect API key provided", "type": "invalid_request_error"}}
             writer.write(_response(401, error))

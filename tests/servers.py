@@ -63,6 +63,7 @@ class Site:
                 self.env[key] = value
         self.ports: list[int] = []
         self.servers: list[subprocess.Popen] = []
+        self.workers: list[subprocess.Popen] = []
 
     def manage(self, *args: str) -> None:
         subprocess.run([sys.executable, "manage.py", *args], env=self.env, cwd=ROOT, check=True, capture_output=True)
@@ -84,7 +85,7 @@ class Site:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for server in self.servers:
+        for server in self.servers + self.workers:
             server.terminate()
             try:
                 server.wait(15)
@@ -108,8 +109,21 @@ class Site:
         self.servers[index] = self._serve(self.ports[index])
         wait_for_http(f"http://127.0.0.1:{self.ports[index]}/accounts/login/", self.servers[index])
 
+    def start_worker(self, **env: str) -> subprocess.Popen:
+        """A document worker (``manage.py worker``) on this site's database and Redis; stopped on exit."""
+        worker = subprocess.Popen(
+            [sys.executable, "manage.py", "worker"],
+            env={**self.env, **env},
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=open(self.var / f"worker-{len(self.workers)}.log", "a"),
+        )
+        self.workers.append(worker)
+        return worker
+
     def logs(self) -> str:
-        return "\n".join(path.read_text()[-4000:] for path in sorted(self.var.glob("daphne-*.log")))
+        logs = sorted(self.var.glob("daphne-*.log")) + sorted(self.var.glob("worker-*.log"))
+        return "\n".join(path.read_text()[-4000:] for path in logs)
 
 
 def login(port: int, username: str = USERNAME, password: str = PASSWORD) -> str:

@@ -96,3 +96,35 @@ def test_log_in_chat_stream_reload_and_other_tab(site, browser):
     expect(page.locator(".notice")).to_have_text("Your session has ended. Log in again to go on.")
     page.screenshot(path=SCREENSHOTS / "session-ended.png")
     context.close()
+
+
+def test_documents_page_uploads_several_files_and_shows_live_progress(site, browser, tmp_path):
+    port = site.ports[0]
+    site.start_worker()
+    good = tmp_path / "garden.md"
+    good.write_text("# Garden\n\nWater tomatoes deeply twice a week.\n\n## Soil\n\nLoam holds water well.\n")
+    broken = tmp_path / "scan.pdf"
+    broken.write_bytes(b"%PDF-1.4 this is not really a PDF")
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    context = browser.new_context(viewport={"width": 1100, "height": 700})
+    page = context.new_page()
+    page.goto(f"http://127.0.0.1:{port}/accounts/login/?next=/documents/")
+    page.fill("#id_username", USERNAME)
+    page.fill("#id_password", PASSWORD)
+    page.click("button[type=submit]")
+    expect(page.locator("#documents-page")).to_contain_text("up to 20.0")  # the limit, stated up front
+    page.set_input_files("#file-input", [str(good), str(broken)])
+    good_row = page.locator("#document-list tr", has_text="garden.md").or_(
+        page.locator("#document-list tr", has_text="Garden")
+    )
+    # Progress arrives over the socket: the row ends "Ready" with its chunks, without a reload.
+    expect(page.locator('#document-list tr[data-status="ready"]')).to_have_count(1, timeout=60_000)
+    expect(good_row.locator(".badge")).to_have_text("Ready")
+    expect(good_row.locator(".chunks")).to_have_text("2")
+    failed = page.locator('#document-list tr[data-status="failed"]')
+    expect(failed.locator(".reason")).to_contain_text("damaged", timeout=60_000)
+    page.screenshot(path=SCREENSHOTS / "documents.png")
+    # Delete, with the button's accessible name.
+    page.get_by_role("button", name="Delete Garden").click()
+    expect(page.locator("#document-list tr", has_text="Garden")).to_have_count(0)
+    context.close()

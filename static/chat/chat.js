@@ -192,6 +192,12 @@
         }
         break;
       }
+      case "document": {
+        // An upload finished ingesting while the user chats (documents page: /documents/).
+        if (frame.stage === "ready") toast(`“${frame.document.title}” is ready: answers can use it now.`);
+        if (frame.stage === "failed") toast(`“${frame.document.title}” could not be ingested: ${frame.document.error}`);
+        break;
+      }
     }
   }
 

@@ -1,0 +1,235 @@
+"""The ingestion flow, one run per document (DESIGN.md §1, left half):
+
+    Parse -> Split -> Embed -> Store -> Ready
+      \\--------\\-------\\--------\\--- "failed" ---> Fail
+
+Each node does one step; a step that cannot go on routes to Fail with a reason
+for the document's owner. Store is the only node that makes chunks visible,
+in one transaction with the document's status, so a document's chunks appear
+all together or not at all. The flow is synchronous: it runs in a worker
+process (documents/tasks.py) or in ``manage.py ingest``, never on an event loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import PurePath
+from typing import Any
+
+from django.db import transaction
+from pocketflow import Flow, Node
+
+from documents import parsing, splitting
+from documents.embedding import EmbeddingError, get_embedder
+from documents.models import Chunk, Document, DocumentFile
+
+logger = logging.getLogger(__name__)
+
+# progress(document, stage, done, total): stages "parsed", "embedding", "ready", "failed".
+Progress = Callable[[Document, str, int, int], None]
+
+
+def no_progress(document: Document, stage: str, done: int, total: int) -> None:
+    pass
+
+
+def new_store(document: Document, progress: Progress = no_progress, timings: dict | None = None) -> dict[str, Any]:
+    """The shared store of one run; ``timings`` adds up each step's seconds (by step name), across runs."""
+    return {"document": document, "progress": progress, "timings": {} if timings is None else timings}
+
+
+class Failed(Exception):
+    """A step could not go on; the message is for the document's owner."""
+
+
+class _Step(Node):
+    """A node whose exec may raise ``Failed``: the reason is kept and the flow routes to Fail.
+
+    The time its exec takes is added to ``shared["timings"]`` under the step's name.
+    """
+
+    def _run(self, shared: dict[str, Any]) -> Any:
+        prep_res = self.prep(shared)
+        started = time.perf_counter()
+        exec_res = self._exec(prep_res)
+        name = type(self).__name__.lower()
+        shared["timings"][name] = shared["timings"].get(name, 0.0) + time.perf_counter() - started
+        return self.post(shared, prep_res, exec_res)
+
+    def exec_fallback(self, prep_res: Any, exc: Exception) -> Any:
+        if isinstance(exc, Failed | parsing.Unreadable | EmbeddingError):
+            return Failed(str(exc))
+        logger.exception("ingesting failed unexpectedly", exc_info=exc)
+        return Failed(f"Ingesting failed unexpectedly ({exc.__class__.__name__}); try again or report it.")
+
+    def failed(self, shared: dict[str, Any], result: Any) -> bool:
+        if isinstance(result, Failed):
+            shared["error"] = str(result)
+            return True
+        return False
+
+
+class Parse(_Step):
+    def prep(self, shared: dict[str, Any]) -> tuple[bytes, str]:
+        document = shared["document"]
+        data = DocumentFile.objects.values_list("data", flat=True).get(document=document)
+        return bytes(data), document.source
+
+    def exec(self, prep_res: tuple[bytes, str]) -> parsing.Parsed:
+        data, source = prep_res
+        return parsing.parse(data, source)
+
+    def post(self, shared: dict[str, Any], prep_res: Any, exec_res: Any) -> str | None:
+        if self.failed(shared, exec_res):
+            return "failed"
+        shared["parsed"] = exec_res
+        shared["progress"](shared["document"], "parsed", 0, 0)
+        return None
+
+
+class Split(_Step):
+    def prep(self, shared: dict[str, Any]) -> list[parsing.Section]:
+        return shared["parsed"].sections
+
+    def exec(self, prep_res: list[parsing.Section]) -> list[splitting.Piece]:
+        return list(splitting.split(prep_res))
+
+    def post(self, shared: dict[str, Any], prep_res: Any, exec_res: Any) -> str | None:
+        if self.failed(shared, exec_res):
+            return "failed"
+        shared["pieces"] = exec_res
+        return None
+
+
+class Embed(_Step):
+    """Vectors for every piece, in the embedder's batches, reporting progress after each batch."""
+
+    def prep(self, shared: dict[str, Any]) -> tuple[list[splitting.Piece], Callable[[int, int], None]]:
+        document, progress = shared["document"], shared["progress"]
+        return shared["pieces"], lambda done, total: progress(document, "embedding", done, total)
+
+    def exec(self, prep_res: tuple[list[splitting.Piece], Callable[[int, int], None]]) -> list[list[float]]:
+        pieces, report = prep_res
+        embedder = get_embedder()
+        step = getattr(embedder, "batch", 32) * 4  # a progress report every few seconds
+        vectors: list[list[float]] = []
+        report(0, len(pieces))
+        for start in range(0, len(pieces), step):
+            vectors.extend(embedder.embed([piece.embedded_text() for piece in pieces[start : start + step]]))
+            report(len(vectors), len(pieces))
+        return vectors
+
+    def post(self, shared: dict[str, Any], prep_res: Any, exec_res: Any) -> str | None:
+        if self.failed(shared, exec_res):
+            return "failed"
+        shared["vectors"] = exec_res
+        return None
+
+
+class Store(_Step):
+    """The new chunks replace the old ones, and the document becomes ready, in one transaction."""
+
+    def prep(self, shared: dict[str, Any]) -> dict[str, Any]:
+        return shared
+
+    def exec(self, prep_res: dict[str, Any]) -> Document | None:
+        document: Document = prep_res["document"]
+        pieces: list[splitting.Piece] = prep_res["pieces"]
+        embedder = get_embedder()
+        with transaction.atomic():
+            current = Document.objects.select_for_update().filter(pk=document.pk).first()
+            if current is None or current.content_hash != document.content_hash:
+                return None  # deleted, or replaced by a newer file whose own job follows
+            Chunk.objects.filter(document=current).delete()
+            Chunk.objects.bulk_create(
+                (
+                    Chunk(
+                        document=current,
+                        ordinal=ordinal,
+                        text=piece.text,
+                        token_count=piece.token_count,
+                        heading=piece.heading,
+                        char_start=piece.char_start,
+                        char_end=piece.char_end,
+                        page=piece.page,
+                        embedding=vector,
+                    )
+                    for ordinal, (piece, vector) in enumerate(zip(pieces, prep_res["vectors"], strict=True))
+                ),
+                batch_size=500,
+            )
+            DocumentFile.objects.filter(document=current).update(
+                text=splitting.extracted_text(prep_res["parsed"].sections)
+            )
+            if current.title == PurePath(current.source).name:
+                current.title = prep_res["parsed"].title  # the document's own title, once known
+            current.mime_type = prep_res["parsed"].mime_type
+            current.status = Document.Status.READY
+            current.error = ""
+            current.chunk_count = len(pieces)
+            current.embedding_model = embedder.name
+            current.embedding_dimensions = embedder.dimensions
+            current.save()
+        return current
+
+    def post(self, shared: dict[str, Any], prep_res: Any, exec_res: Any) -> str | None:
+        if self.failed(shared, exec_res):
+            return "failed"
+        if exec_res is None:
+            return "gone"  # nothing stored: nothing to report
+        shared["document"] = exec_res
+        return None
+
+
+class Ready(Node):
+    """The owner learns that the document is searchable."""
+
+    def prep(self, shared: dict[str, Any]) -> Document:
+        return shared["document"]
+
+    def post(self, shared: dict[str, Any], prep_res: Document, exec_res: Any) -> None:
+        shared["progress"](prep_res, "ready", prep_res.chunk_count, prep_res.chunk_count)
+
+
+class Fail(Node):
+    """The document ends `failed`, with its reason and no chunks (a failed document is never searched)."""
+
+    def prep(self, shared: dict[str, Any]) -> tuple[Document, str]:
+        return shared["document"], shared["error"]
+
+    def exec(self, prep_res: tuple[Document, str]) -> Document | None:
+        document, error = prep_res
+        return fail(document, error)
+
+    def post(self, shared: dict[str, Any], prep_res: Any, exec_res: Any) -> None:
+        if exec_res is not None:
+            shared["document"] = exec_res
+            shared["progress"](exec_res, "failed", 0, 0)
+
+
+def fail(document: Document, error: str) -> Document | None:
+    """``document`` marked failed with ``error``, its chunks gone; None if it was deleted or replaced meanwhile."""
+    with transaction.atomic():
+        current = Document.objects.select_for_update().filter(pk=document.pk).first()
+        if current is None or current.content_hash != document.content_hash:
+            return None
+        Chunk.objects.filter(document=current).delete()
+        current.status = Document.Status.FAILED
+        current.error = error
+        current.chunk_count = 0
+        current.save()
+    logger.info("document %s (%s) failed: %s", current.pk, current.source, error)
+    return current
+
+
+def ingestion_flow() -> Flow:
+    parse, split, embed, store, ready, failed = Parse(), Split(), Embed(), Store(), Ready(), Fail()
+    parse >> split >> embed >> store >> ready
+    store - "gone" >> Node()  # deleted or replaced meanwhile: the run ends quietly
+    parse - "failed" >> failed
+    split - "failed" >> failed
+    embed - "failed" >> failed
+    store - "failed" >> failed
+    return Flow(start=parse)

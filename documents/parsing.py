@@ -1,0 +1,303 @@
+"""Source bytes to text in reading order, in sections under their headings (PDF pages kept).
+
+One parser per format, each a well-kept library: pypdf, python-docx,
+BeautifulSoup with lxml (HTML, and Markdown and reStructuredText once
+rendered to HTML by markdown-it-py and docutils). Anything that goes wrong
+becomes ``Unreadable`` with a reason the document's owner can act on.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import zipfile
+from dataclasses import dataclass
+from pathlib import PurePath
+
+from bs4 import BeautifulSoup, Comment, NavigableString, Tag
+from django.conf import settings
+
+
+class Unreadable(Exception):
+    """The file cannot be turned into text; ``str(exc)`` says why, for its owner."""
+
+
+@dataclass(frozen=True)
+class Section:
+    """Text under one heading path (outermost first); ``page`` is the PDF page, from 1."""
+
+    text: str
+    heading: tuple[str, ...] = ()
+    page: int | None = None
+
+
+@dataclass(frozen=True)
+class Parsed:
+    title: str
+    mime_type: str
+    sections: list[Section]
+
+
+# The formats, by file name extension.
+MIME_TYPES = {
+    ".pdf": "application/pdf",
+    ".docx": "application/vnd.openxmlformats-officedocument.wordprocessingml.document",
+    ".html": "text/html",
+    ".htm": "text/html",
+    ".md": "text/markdown",
+    ".markdown": "text/markdown",
+    ".rst": "text/x-rst",
+    ".txt": "text/plain",
+    ".text": "text/plain",
+}
+SUPPORTED = "PDF, DOCX, HTML, Markdown, reStructuredText or plain text"
+
+
+def mime_type_for(name: str) -> str | None:
+    return MIME_TYPES.get(PurePath(name).suffix.lower())
+
+
+def parse(data: bytes, name: str) -> Parsed:
+    """``data``, the content of the file called ``name``, as sections of text."""
+    mime_type = mime_type_for(name)
+    if mime_type is None:
+        raise Unreadable(f"“{PurePath(name).suffix or name}” files are not supported: upload {SUPPORTED}.")
+    if not data:
+        raise Unreadable("The file is empty.")
+    stem = PurePath(name).stem
+    if mime_type == "application/pdf":
+        title, sections = _pdf(data)
+    elif mime_type.endswith("wordprocessingml.document"):
+        title, sections = _docx(data)
+    else:
+        text = _decode(data)
+        if mime_type == "text/html":
+            title, sections = _html(text)
+        elif mime_type == "text/markdown":
+            title, sections = _markdown(text)
+        elif mime_type == "text/x-rst":
+            title, sections = _rst(text)
+        else:
+            title, sections = "", _plain(text)
+    sections = [s for s in sections if s.text.strip()]
+    if not sections:
+        ocr = " (a scanned PDF needs OCR first)" if mime_type == "application/pdf" else ""
+        raise Unreadable(f"No text was found in the file{ocr}.")
+    if sum(len(s.text) for s in sections) > settings.DOCUMENTS_MAX_CHARS:
+        raise Unreadable(f"The file holds more than {settings.DOCUMENTS_MAX_CHARS:,} characters of text.")
+    return Parsed(title=(title or stem).strip()[:300], mime_type=mime_type, sections=sections)
+
+
+def _decode(data: bytes) -> str:
+    if b"\x00" in data[:8192]:
+        raise Unreadable("The file is binary, not text.")
+    for encoding in ("utf-8-sig", "utf-16") if data[:2] in (b"\xff\xfe", b"\xfe\xff") else ("utf-8-sig",):
+        try:
+            return data.decode(encoding)
+        except UnicodeDecodeError:
+            continue
+    # Not UTF-8: Latin-1 decodes anything, so only accept it for text that looks like text.
+    text = data.decode("latin-1")
+    if sum(c.isprintable() or c.isspace() for c in text) < 0.95 * len(text):
+        raise Unreadable("The file is binary, not text.")
+    return text
+
+
+# --- PDF ---------------------------------------------------------------------------------
+
+
+def _pdf(data: bytes) -> tuple[str, list[Section]]:
+    from pypdf import PdfReader
+    from pypdf.errors import PdfReadError
+
+    try:
+        reader = PdfReader(io.BytesIO(data))
+        if reader.is_encrypted and not reader.decrypt(""):
+            raise Unreadable("The PDF is password-protected: upload it without the password.")
+        pages = reader.pages
+        if len(pages) > settings.DOCUMENTS_MAX_PDF_PAGES:
+            raise Unreadable(f"The PDF has {len(pages)} pages; at most {settings.DOCUMENTS_MAX_PDF_PAGES} are read.")
+        headings = _pdf_outline(reader)
+        sections = [
+            Section(text=page.extract_text() or "", heading=headings.get(number, ()), page=number)
+            for number, page in enumerate(pages, start=1)
+        ]
+        title = (reader.metadata.title if reader.metadata else None) or ""
+    except Unreadable:
+        raise
+    except (PdfReadError, Exception) as exc:  # noqa: BLE001 - pypdf raises many kinds on broken files
+        raise Unreadable(f"The PDF could not be read ({exc.__class__.__name__}): it may be damaged.") from exc
+    return str(title), sections
+
+
+def _pdf_outline(reader) -> dict[int, tuple[str, ...]]:
+    """Page number -> the bookmark path in force on it (bookmarks are a PDF's headings)."""
+    starts: list[tuple[int, tuple[str, ...]]] = []
+
+    def walk(items, path: tuple[str, ...]) -> None:
+        last: tuple[str, ...] = path
+        for item in items:
+            if isinstance(item, list):
+                walk(item, last)
+                continue
+            try:
+                page = reader.get_destination_page_number(item) + 1
+            except Exception:  # noqa: BLE001 - a broken bookmark is only a missing heading
+                continue
+            last = (*path, str(item.title).strip())
+            starts.append((page, last))
+
+    try:
+        walk(reader.outline, ())
+    except Exception:  # noqa: BLE001
+        return {}
+    starts.sort(key=lambda start: start[0])
+    headings: dict[int, tuple[str, ...]] = {}
+    current: tuple[str, ...] = ()
+    index = 0
+    for number in range(1, len(reader.pages) + 1):
+        while index < len(starts) and starts[index][0] <= number:
+            current = starts[index][1]
+            index += 1
+        headings[number] = current
+    return headings
+
+
+# --- DOCX --------------------------------------------------------------------------------
+
+
+def _docx(data: bytes) -> tuple[str, list[Section]]:
+    import docx
+    from docx.table import Table
+
+    try:
+        document = docx.Document(io.BytesIO(data))
+    except (zipfile.BadZipFile, KeyError, ValueError, Exception) as exc:  # noqa: BLE001
+        raise Unreadable(f"The DOCX file could not be read ({exc.__class__.__name__}): it may be damaged.") from exc
+    builder = _SectionBuilder()
+    for block in document.iter_inner_content():
+        if isinstance(block, Table):
+            for row in block.rows:
+                cells = [cell.text.strip() for cell in row.cells]
+                builder.add(" | ".join(c for c in dict.fromkeys(cells) if c))
+            builder.end_paragraph()
+            continue
+        style = (block.style.name if block.style is not None else "") or ""
+        level = _docx_heading_level(style)
+        if level:
+            builder.heading(level, block.text)
+        else:
+            builder.add(block.text)
+            builder.end_paragraph()
+    title = document.core_properties.title or builder.first_heading
+    return title, builder.sections()
+
+
+def _docx_heading_level(style: str) -> int:
+    if style == "Title":
+        return 1
+    match = re.fullmatch(r"Heading (\d)", style)
+    return int(match.group(1)) if match else 0
+
+
+# --- HTML, Markdown, reStructuredText ------------------------------------------------------
+
+_HEADINGS = {"h1": 1, "h2": 2, "h3": 3, "h4": 4, "h5": 5, "h6": 6}
+# Elements that start a new paragraph of text.
+_BLOCKS = {
+    "address", "article", "aside", "blockquote", "br", "dd", "details", "div", "dl", "dt", "figcaption",
+    "figure", "form", "hr", "li", "main", "ol", "p", "pre", "section", "summary", "table", "tbody", "td",
+    "th", "thead", "tr", "ul", "caption",
+}  # fmt: skip
+# Never text a reader sees, or page furniture repeated on every page of a site.
+_SKIPPED = {"script", "style", "noscript", "template", "nav", "footer", "head", "svg", "button", "form", "iframe"}
+
+
+def _html(text: str) -> tuple[str, list[Section]]:
+    soup = BeautifulSoup(text, "lxml")
+    title = soup.title.get_text(" ", strip=True) if soup.title else ""
+    builder = _SectionBuilder()
+    _walk(soup.body or soup, builder, preformatted=False)
+    return title or builder.first_heading, builder.sections()
+
+
+def _walk(node: Tag, builder: _SectionBuilder, preformatted: bool) -> None:
+    for child in node.children:
+        if isinstance(child, Comment):
+            continue
+        if isinstance(child, NavigableString):
+            builder.add(str(child) if preformatted else re.sub(r"\s+", " ", str(child)), joined=True)
+            continue
+        if not isinstance(child, Tag) or child.name in _SKIPPED:
+            continue
+        if child.name in _HEADINGS:
+            builder.heading(_HEADINGS[child.name], child.get_text(" ", strip=True).rstrip("¶").strip())
+        elif child.name in _BLOCKS:
+            builder.end_paragraph()
+            _walk(child, builder, preformatted or child.name == "pre")
+            builder.end_paragraph()
+        else:
+            _walk(child, builder, preformatted)
+
+
+def _markdown(text: str) -> tuple[str, list[Section]]:
+    from markdown_it import MarkdownIt
+
+    # Raw HTML inside Markdown is kept as text to parse, never rendered anywhere.
+    return _html(MarkdownIt("commonmark").enable("table").render(text))
+
+
+def _rst(text: str) -> tuple[str, list[Section]]:
+    from documents import rst
+
+    return _html(rst.to_html(text))
+
+
+def _plain(text: str) -> list[Section]:
+    builder = _SectionBuilder()
+    for paragraph in re.split(r"\n\s*\n", text):
+        builder.add(paragraph.strip("\n"))
+        builder.end_paragraph()
+    return builder.sections()
+
+
+class _SectionBuilder:
+    """Collects paragraphs under the heading path in force, one ``Section`` per run of the same path."""
+
+    def __init__(self) -> None:
+        self.path: list[str] = []
+        self.paragraph: list[str] = []
+        self.paragraphs: list[str] = []
+        self.done: list[Section] = []
+        self.first_heading = ""
+
+    def add(self, text: str, joined: bool = False) -> None:
+        if text:
+            self.paragraph.append(text)
+        if not joined:
+            self.paragraph.append("\n")
+
+    def end_paragraph(self) -> None:
+        text = "".join(self.paragraph).strip()
+        text = re.sub(r"[ \t]+\n", "\n", text)
+        if text:
+            self.paragraphs.append(text)
+        self.paragraph = []
+
+    def heading(self, level: int, text: str) -> None:
+        self.end_paragraph()
+        self._end_section()
+        if not text:
+            return
+        self.first_heading = self.first_heading or text
+        self.path = [*self.path[: level - 1], text]
+
+    def _end_section(self) -> None:
+        if self.paragraphs:
+            self.done.append(Section(text="\n\n".join(self.paragraphs), heading=tuple(self.path)))
+        self.paragraphs = []
+
+    def sections(self) -> list[Section]:
+        self.end_paragraph()
+        self._end_section()
+        return self.done

@@ -1,0 +1,110 @@
+"""What the entry points (upload view, ``manage.py ingest``, the worker's task) do with documents.
+
+A document is named by its owner and source (the upload's file name, or the
+path given to ``ingest``); its content hash decides whether a new file with
+the same name needs ingesting again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import PurePath
+
+from django.conf import settings
+from django.db import transaction
+
+from documents import parsing
+from documents.embedding import configured_model_name
+from documents.flows import Progress, fail, ingestion_flow, new_store, no_progress
+from documents.models import Document, DocumentFile
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Registered:
+    document: Document
+    # Nothing to do: the same bytes are already ingested (or on their way) with the current embedder.
+    unchanged: bool
+
+
+def register(
+    owner, source: str, data: bytes, *, size: int | None = None, title: str = "", force: bool = False
+) -> Registered:
+    """Record ``data`` as the content of the document ``source`` of ``owner`` (None: shared).
+
+    A file that cannot be ingested at all (too big, a type we do not read) is
+    recorded as failed at once, without its bytes; anything else is queued.
+    ``size`` is the file's size when ``data`` was not read because the file is
+    too big. Call it in a transaction with the job's enqueueing, so the job
+    exists if and only if the document does.
+    """
+    size = len(data) if size is None else size
+    refused = _refusal(source, size)
+    content_hash = "" if refused else hashlib.sha256(data).hexdigest()
+    existing = Document.objects.filter(owner=owner, source=source).first()
+    if (
+        existing is not None
+        and not force
+        and existing.content_hash == content_hash
+        and existing.status != Document.Status.FAILED
+        and existing.embedding_model in ("", configured_model_name())
+    ):
+        return Registered(existing, unchanged=True)
+    document = existing or Document(owner=owner, source=source)
+    document.title = title or PurePath(source).name
+    document.content_hash = content_hash
+    document.size = size
+    document.mime_type = parsing.mime_type_for(source) or "application/octet-stream"
+    document.status, document.error, document.attempts = Document.Status.QUEUED, "", 0
+    if refused:
+        document.status, document.error, document.chunk_count = Document.Status.FAILED, refused, 0
+    with transaction.atomic():
+        document.save()
+        if refused:
+            document.chunks.all().delete()
+            DocumentFile.objects.filter(document=document).delete()
+        else:
+            DocumentFile.objects.update_or_create(document=document, defaults={"data": data, "text": ""})
+    return Registered(document, unchanged=False)
+
+
+def _refusal(source: str, size: int) -> str:
+    """Why a file is refused before anything is stored, or ""."""
+    if size > settings.DOCUMENTS_MAX_UPLOAD_BYTES:
+        return f"The file is {size / 1e6:.1f} MB; the limit is {settings.DOCUMENTS_MAX_UPLOAD_BYTES / 1e6:.0f} MB."
+    if parsing.mime_type_for(source) is None:
+        suffix = PurePath(source).suffix or PurePath(source).name
+        return f"“{suffix}” files are not supported: upload {parsing.SUPPORTED}."
+    return ""
+
+
+def ingest(document_id: int, progress: Progress = no_progress, timings: dict | None = None) -> Document | None:
+    """Run the ingestion flow for a queued document; returns it as it ended (None: it was deleted).
+
+    Each run counts as an attempt. A document whose runs keep dying (a worker
+    killed mid-way, see documents/tasks.py) fails after DOCUMENTS_MAX_ATTEMPTS.
+    """
+    with transaction.atomic():
+        document = Document.objects.select_for_update().filter(pk=document_id).first()
+        if document is None or document.status not in (Document.Status.QUEUED, Document.Status.PROCESSING):
+            return document
+        if document.attempts >= settings.DOCUMENTS_MAX_ATTEMPTS:
+            give_up = True
+        else:
+            give_up = False
+            document.attempts += 1
+            document.status = Document.Status.PROCESSING
+            document.save(update_fields=["attempts", "status", "updated_at"])
+    if give_up:
+        logger.error("document %s: its ingestion stopped %s times; giving up", document.pk, document.attempts)
+        ended = fail(document, f"Ingesting stopped {document.attempts} times before it finished; try again.")
+        if ended is not None:
+            progress(ended, "failed", 0, 0)
+        return ended
+    progress(document, "processing", 0, 0)
+    shared = new_store(document, progress, timings)
+    ingestion_flow().run(shared)
+    return shared["document"]

@@ -1,0 +1,105 @@
+// The documents page: drag-and-drop upload, and each document's ingestion progress, live over the chat socket.
+(() => {
+  const page = document.getElementById("documents-page");
+  const list = document.querySelector("#document-list tbody");
+  const input = document.getElementById("file-input");
+  const zone = document.getElementById("dropzone");
+  const errorBox = document.getElementById("upload-error");
+  const empty = document.getElementById("no-documents");
+  const maxBytes = Number(page.dataset.maxBytes);
+  const maxFiles = Number(page.dataset.maxFiles);
+  const csrf = document.querySelector("[name=csrfmiddlewaretoken]").value;
+  const LABELS = { queued: "Queued", processing: "Processing", parsed: "Parsed", embedding: "Embedding", ready: "Ready", failed: "Failed" };
+
+  function mb(bytes) { return `${(bytes / 1e6).toFixed(1)} MB`; }
+
+  function row(id) {
+    let tr = list.querySelector(`tr[data-id="${id}"]`);
+    if (!tr) {
+      tr = document.createElement("tr");
+      tr.dataset.id = id;
+      tr.innerHTML = `<td class="title"><span></span><small></small></td>
+        <td class="status"><span class="badge"></span><small class="reason" hidden></small><progress hidden></progress></td>
+        <td class="chunks">0</td>
+        <td><form method="post"><input type="hidden" name="csrfmiddlewaretoken"><button class="link danger" type="submit">Delete</button></form></td>`;
+      tr.querySelector("form").action = `${location.pathname.replace(/\/$/, "")}/${id}/delete/`;
+      tr.querySelector("[name=csrfmiddlewaretoken]").value = csrf;
+      list.prepend(tr);
+      empty.hidden = true;
+    }
+    return tr;
+  }
+
+  // One shape for upload answers and socket frames: {document: {...}, stage, done, total}.
+  function show(frame) {
+    const doc = frame.document;
+    const tr = row(doc.id);
+    tr.dataset.status = doc.status;
+    tr.querySelector(".title span").textContent = doc.title;
+    tr.querySelector("button").setAttribute("aria-label", `Delete ${doc.title}`);
+    const stage = frame.stage || doc.status;
+    tr.querySelector(".badge").textContent = frame.unchanged ? "Unchanged" : (LABELS[stage] || stage);
+    const reason = tr.querySelector(".reason");
+    if (reason) { reason.hidden = !doc.error; reason.textContent = doc.error || ""; }
+    tr.querySelector(".chunks").textContent = doc.chunk_count;
+    const bar = tr.querySelector("progress");
+    bar.hidden = stage !== "embedding";
+    if (stage === "embedding" && frame.total) { bar.max = frame.total; bar.value = frame.done; bar.textContent = `${frame.done}/${frame.total}`; }
+  }
+
+  function refuse(file, reason) {
+    const doc = { id: `local-${Math.random().toString(36).slice(2)}`, title: file.name, status: "failed", chunk_count: 0, error: reason };
+    show({ document: doc, stage: "failed" });
+    const tr = row(doc.id);
+    tr.querySelector("form").remove();
+  }
+
+  async function upload(files) {
+    errorBox.hidden = true;
+    const accepted = [];
+    for (const file of files) {
+      if (file.size > maxBytes) refuse(file, `The file is ${mb(file.size)}; the limit is ${mb(maxBytes)}.`);
+      else accepted.push(file);
+    }
+    for (let i = 0; i < accepted.length; i += maxFiles) {
+      const body = new FormData();
+      accepted.slice(i, i + maxFiles).forEach((file) => body.append("files", file));
+      try {
+        const response = await fetch(page.dataset.uploadUrl, { method: "POST", body, headers: { "X-CSRFToken": csrf } });
+        const answer = await response.json().catch(() => ({}));
+        if (!response.ok) throw new Error(answer.error || `The upload failed (HTTP ${response.status}).`);
+        answer.documents.forEach((frame, j) => {
+          show(frame);
+          const file = accepted[i + j];
+          row(frame.document.id).querySelector(".title small").textContent = `${file.name} · ${mb(file.size)}`;
+        });
+      } catch (error) {
+        errorBox.textContent = error.message || "The upload failed: check your connection and try again.";
+        errorBox.hidden = false;
+      }
+    }
+  }
+
+  input.addEventListener("change", () => { upload([...input.files]); input.value = ""; });
+  ["dragenter", "dragover"].forEach((type) => zone.addEventListener(type, (e) => { e.preventDefault(); zone.classList.add("over"); }));
+  ["dragleave", "drop"].forEach((type) => zone.addEventListener(type, () => zone.classList.remove("over")));
+  zone.addEventListener("drop", (e) => { e.preventDefault(); upload([...e.dataTransfer.files]); });
+
+  // Progress frames arrive on the chat socket; this page opens one just to listen.
+  let retry = 500;
+  function listen() {
+    const scheme = location.protocol === "https:" ? "wss" : "ws";
+    const socket = new WebSocket(`${scheme}://${location.host}/ws/chat/`);
+    socket.onopen = () => { retry = 500; };
+    socket.onmessage = (event) => {
+      const frame = JSON.parse(event.data);
+      if (frame.type === "document") show(frame);
+    };
+    socket.onclose = (event) => {
+      if (event.code === 4401) { location.href = `/accounts/login/?session=ended&next=${encodeURIComponent(location.pathname)}`; return; }
+      setTimeout(listen, retry);
+      retry = Math.min(retry * 2, 10000);
+    };
+  }
+  listen();
+})();
