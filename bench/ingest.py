@@ -153,7 +153,9 @@ def queue_folder(site: Site, folder: Path, owner: str) -> int:
         "            r.unchanged or tasks.enqueue(r.document)\n"
     )
     site.manage("shell", "-c", code)
-    return sum(1 for p in folder.rglob("*") if p.is_file())
+    from documents.parsing import mime_type_for
+
+    return sum(1 for p in folder.rglob("*") if p.is_file() and mime_type_for(p.name))
 
 
 def ms(value: float | None) -> str:
@@ -176,6 +178,7 @@ def main() -> int:
             env = {"OPENAI_BASE_URL": mock.base_url, "OPENAI_API_KEY": "bench", "LLM_MODEL": "mock",
                    "LLM_PROVIDER": None, "CHAT_LIMIT_MESSAGES_PER_MINUTE": "0",
                    "CHAT_LIMIT_CONCURRENT_REPLIES": "0"}  # fmt: skip
+            (Path(tmp) / "stack").mkdir()
             with Site(Path(tmp) / "stack", env, processes=1) as site:
                 os.environ.update({k: v for k, v in site.env.items() if k in ("DATABASE_URL", "REDIS_URL")})
                 os.environ["CHATSITE_VAR_DIR"] = site.env["CHATSITE_VAR_DIR"]

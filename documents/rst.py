@@ -78,12 +78,7 @@ _DROPPED = {"toctree", "currentmodule", "module", "autosummary", "index", "highl
 _CODE = {"code-block", "sourcecode", "code", "doctest", "testcode", "testoutput", "ipython", "jupyter-execute"}
 
 
-class _Dropped(Directive):
-    has_content = True
-    optional_arguments = 10
-    final_argument_whitespace = True
-    option_spec = _AnyOptions()
-
+class _Dropped(_Content):
     def run(self) -> list[nodes.Node]:
         return []
 

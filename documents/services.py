@@ -106,5 +106,15 @@ def ingest(document_id: int, progress: Progress = no_progress, timings: dict | N
         return ended
     progress(document, "processing", 0, 0)
     shared = new_store(document, progress, timings)
-    ingestion_flow().run(shared)
+    try:
+        ingestion_flow().run(shared)
+    except Exception:
+        # The steps turn their own errors into Fail; this is the flow's plumbing failing (the
+        # database gone mid-run, say). End the document now if the database lets us; if it does not,
+        # the error goes up and the job is retried (documents/tasks.py), counting an attempt.
+        logger.exception("document %s: ingestion failed outside its steps", document.pk)
+        ended = fail(document, "Ingesting failed unexpectedly; try again or report it.")
+        if ended is not None:
+            progress(ended, "failed", 0, 0)
+        return ended
     return shared["document"]

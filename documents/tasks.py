@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 
+from procrastinate import RetryStrategy
 from procrastinate.contrib.django import app
 from procrastinate.exceptions import AlreadyEnqueued
 
@@ -21,7 +22,9 @@ logger = logging.getLogger(__name__)
 QUEUE = "documents"
 
 
-@app.task(queue=QUEUE, name="documents.ingest")
+# A run that raises (the database unreachable, so not even `failed` could be written) is tried again
+# later; services.ingest counts the runs and ends the document after DOCUMENTS_MAX_ATTEMPTS.
+@app.task(queue=QUEUE, name="documents.ingest", retry=RetryStrategy(max_attempts=5, wait=10))
 def ingest_document(document_id: int) -> None:
     services.ingest(document_id, progress.publish)
 

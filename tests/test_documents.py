@@ -129,6 +129,17 @@ def test_a_document_whose_runs_keep_dying_fails_instead_of_staying_processing(al
     assert "stopped 2 times" in ended.error
 
 
+def test_a_run_that_breaks_outside_its_steps_ends_failed_not_processing(alice):
+    from documents.models import DocumentFile
+
+    with transaction.atomic():
+        document = services.register(alice, "pump.md", GUIDE).document
+    DocumentFile.objects.filter(document=document).delete()  # Parse cannot even load its input
+    ended = services.ingest(document.pk)
+    assert ended.status == Document.Status.FAILED and "unexpectedly" in ended.error
+    assert Document.objects.get(pk=document.pk).status == Document.Status.FAILED
+
+
 def test_files_that_cannot_be_ingested_fail_with_a_reason_and_the_others_are_ingested(alice, tmp_path, settings):
     settings.DOCUMENTS_MAX_UPLOAD_BYTES = 50_000
     (tmp_path / "good.md").write_bytes(GUIDE)
@@ -278,3 +289,15 @@ async def test_a_whole_ingestion_reports_each_stage_to_the_owner(alice):
         while not stages or stages[-1] not in ("ready", "failed"):
             stages.append((await mine.recv())["stage"])
     assert stages == ["processing", "parsed", "embedding", "embedding", "ready"]
+
+
+def test_admin_lists_documents_with_their_state_and_links_to_their_chunks(client, django_user_model, alice):
+    document = ingest(alice, "pump.md", GUIDE)
+    admin = django_user_model.objects.create_superuser("root", password="pw-root-123")
+    client.force_login(admin)
+    listing = client.get("/admin/documents/document/?status__exact=ready").content.decode()
+    assert "Pump manual" in listing
+    page = client.get(f"/admin/documents/document/{document.pk}/change/").content.decode()
+    assert f"?document__id__exact={document.pk}" in page and "2 chunks" in page
+    chunks = client.get(f"/admin/documents/chunk/?document__id__exact={document.pk}").content.decode()
+    assert "Pump manual › Cleaning" in chunks
