@@ -20,8 +20,8 @@ pytestmark = pytest.mark.e2e
 # A document of a few hundred 200-token chunks' worth of sentences, all different.
 BIG = "\n\n".join(
     f"Section {i}. " + " ".join(f"Fact {i}-{j}: the valve number {i * 37 + j} opens at {j} bar." for j in range(20))
-    for i in range(40)
-).encode()
+    for i in range(120)
+).encode()  # ~240 chunks: the kill, at the first progress report (16 chunks), lands long before Store
 
 
 def upload(port: int, cookie: str, name: str, data: bytes) -> dict:
