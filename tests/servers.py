@@ -121,6 +121,18 @@ class Site:
         self.workers.append(worker)
         return worker
 
+    def stop_workers(self) -> None:
+        """Stop every worker started so far: the site is shared by tests, and a worker left running
+        would take the next test's jobs and send its progress frames to that test's sockets."""
+        for worker in self.workers:
+            worker.terminate()
+        for worker in self.workers:
+            try:
+                worker.wait(15)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait()
+
     def logs(self) -> str:
         logs = sorted(self.var.glob("daphne-*.log")) + sorted(self.var.glob("worker-*.log"))
         return "\n".join(path.read_text()[-4000:] for path in logs)

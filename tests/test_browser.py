@@ -101,6 +101,13 @@ def test_log_in_chat_stream_reload_and_other_tab(site, browser):
 def test_documents_page_uploads_several_files_and_shows_live_progress(site, browser, tmp_path):
     port = site.ports[0]
     site.start_worker()
+    try:
+        documents_page(site, browser, tmp_path, port)
+    finally:
+        site.stop_workers()
+
+
+def documents_page(site, browser, tmp_path, port: int) -> None:
     good = tmp_path / "garden.md"
     good.write_text("# Garden\n\nWater tomatoes deeply twice a week.\n\n## Soil\n\nLoam holds water well.\n")
     broken = tmp_path / "scan.pdf"

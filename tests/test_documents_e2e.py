@@ -89,7 +89,10 @@ def test_a_worker_killed_mid_document_leaves_it_invisible_then_another_worker_fi
             assert time.monotonic() - killed_at < 90
             return frames, int(document["id"])
 
-    frames, document_id = asyncio.run(scenario())
+    try:
+        frames, document_id = asyncio.run(scenario())
+    finally:
+        site.stop_workers()
     assert frames[0]["stage"] == "processing" and frames[0]["document"]["id"] == str(document_id)
     assert "parsed" in [f["stage"] for f in frames]
     final = frames[-1]
