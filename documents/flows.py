@@ -45,10 +45,13 @@ class Failed(Exception):
 
 
 class _Step(Node):
-    """A node whose exec may raise ``Failed``: the reason is kept and the flow routes to Fail.
+    """A node whose exec may raise ``Failed``: the reason is kept and the flow routes to Fail;
+    otherwise its result goes to ``shared[self.result]``.
 
     The time its exec takes is added to ``shared["timings"]`` under the step's name.
     """
+
+    result = ""
 
     def _run(self, shared: dict[str, Any]) -> Any:
         prep_res = self.prep(shared)
@@ -64,14 +67,17 @@ class _Step(Node):
         logger.exception("ingesting failed unexpectedly", exc_info=exc)
         return Failed(f"Ingesting failed unexpectedly ({exc.__class__.__name__}); try again or report it.")
 
-    def failed(self, shared: dict[str, Any], result: Any) -> bool:
-        if isinstance(result, Failed):
-            shared["error"] = str(result)
-            return True
-        return False
+    def post(self, shared: dict[str, Any], prep_res: Any, exec_res: Any) -> str | None:
+        if isinstance(exec_res, Failed):
+            shared["error"] = str(exec_res)
+            return "failed"
+        shared[self.result] = exec_res
+        return None
 
 
 class Parse(_Step):
+    result = "parsed"
+
     def prep(self, shared: dict[str, Any]) -> tuple[bytes, str]:
         document = shared["document"]
         data = DocumentFile.objects.values_list("data", flat=True).get(document=document)
@@ -82,29 +88,26 @@ class Parse(_Step):
         return parsing.parse(data, source)
 
     def post(self, shared: dict[str, Any], prep_res: Any, exec_res: Any) -> str | None:
-        if self.failed(shared, exec_res):
-            return "failed"
-        shared["parsed"] = exec_res
-        shared["progress"](shared["document"], "parsed", 0, 0)
-        return None
+        action = super().post(shared, prep_res, exec_res)
+        if action is None:
+            shared["progress"](shared["document"], "parsed", 0, 0)
+        return action
 
 
 class Split(_Step):
+    result = "pieces"
+
     def prep(self, shared: dict[str, Any]) -> list[parsing.Section]:
         return shared["parsed"].sections
 
     def exec(self, prep_res: list[parsing.Section]) -> list[splitting.Piece]:
         return list(splitting.split(prep_res))
 
-    def post(self, shared: dict[str, Any], prep_res: Any, exec_res: Any) -> str | None:
-        if self.failed(shared, exec_res):
-            return "failed"
-        shared["pieces"] = exec_res
-        return None
-
 
 class Embed(_Step):
     """Vectors for every piece, in the embedder's batches, reporting progress after each batch."""
+
+    result = "vectors"
 
     def prep(self, shared: dict[str, Any]) -> tuple[list[splitting.Piece], Callable[[int, int], None]]:
         document, progress = shared["document"], shared["progress"]
@@ -121,15 +124,11 @@ class Embed(_Step):
             report(len(vectors), len(pieces))
         return vectors
 
-    def post(self, shared: dict[str, Any], prep_res: Any, exec_res: Any) -> str | None:
-        if self.failed(shared, exec_res):
-            return "failed"
-        shared["vectors"] = exec_res
-        return None
-
 
 class Store(_Step):
     """The new chunks replace the old ones, and the document becomes ready, in one transaction."""
+
+    result = "document"
 
     def prep(self, shared: dict[str, Any]) -> dict[str, Any]:
         return shared
@@ -175,12 +174,9 @@ class Store(_Step):
         return current
 
     def post(self, shared: dict[str, Any], prep_res: Any, exec_res: Any) -> str | None:
-        if self.failed(shared, exec_res):
-            return "failed"
         if exec_res is None:
             return "gone"  # nothing stored: nothing to report
-        shared["document"] = exec_res
-        return None
+        return super().post(shared, prep_res, exec_res)
 
 
 class Ready(Node):

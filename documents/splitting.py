@@ -35,8 +35,12 @@ class Piece:
     page: int | None
 
     def embedded_text(self) -> str:
-        """What the embedder reads: the headings give a short chunk its context."""
-        return f"{self.heading}\n\n{self.text}" if self.heading else self.text
+        return embedded_text(self.heading, self.text)
+
+
+def embedded_text(heading: str, text: str) -> str:
+    """What the embedder reads for a chunk: the headings give a short chunk its context."""
+    return f"{heading}\n\n{text}" if heading else text
 
 
 @functools.cache

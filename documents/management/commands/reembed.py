@@ -4,7 +4,7 @@ from tqdm import tqdm
 
 from documents.embedding import configured_model_name, get_embedder
 from documents.models import Chunk, Document
-from documents.splitting import Piece
+from documents.splitting import embedded_text
 
 
 class Command(BaseCommand):
@@ -27,7 +27,7 @@ class Command(BaseCommand):
         chunks = 0
         for document in tqdm(documents, unit="document", disable=None, file=self.stderr._out):
             rows = list(Chunk.objects.filter(document=document).only("id", "text", "heading").order_by("ordinal"))
-            texts = [Piece(r.text, 0, r.heading, 0, 0, None).embedded_text() for r in rows]
+            texts = [embedded_text(r.heading, r.text) for r in rows]
             vectors = embedder.embed(texts)
             with transaction.atomic():
                 current = Document.objects.select_for_update().filter(pk=document.pk).first()
