@@ -3,6 +3,7 @@
 # make test  - the test suite (what CI runs)
 # make bench-load - the load benchmark sweep (bench/README.md)
 # make bench-ingest - the ingestion benchmark (bench/README.md)
+# make bench-retrieval - the retrieval evaluation, latency at 100k chunks and cost per turn (bench/README.md)
 # make stop  - stop the embedded PostgreSQL and Valkey servers under var/
 
 PYTHON ?= python3
@@ -14,7 +15,7 @@ PORT ?= 8000
 # wheel pip caches runs on any x86-64 (the code sets OMP_WAIT_POLICY=PASSIVE).
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 
-.PHONY: run dev test install lint format stop bench bench-load bench-ingest clean
+.PHONY: run dev test install lint format stop bench bench-load bench-ingest bench-retrieval clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -59,6 +60,10 @@ bench-load: install
 # Ingestion: the SQLAlchemy documentation through the pipeline against the embedder alone (bench/README.md).
 bench-ingest: install
 	$(BIN)/python bench/ingest.py
+
+# Retrieval: recall/MRR of each variant against BM25, sweeps, latency with 100k chunks, TTFC cost (bench/README.md).
+bench-retrieval: install
+	$(BIN)/python bench/retrieval.py --sweep --latency --ttfc
 
 stop:
 	$(BIN)/python -m chatsite.embedded stop

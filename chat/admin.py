@@ -1,10 +1,35 @@
 from django.contrib import admin
 from django.db.models import Count, Sum
 from django.db.models.functions import Coalesce
+from django.urls import reverse
+from django.utils.html import format_html, format_html_join
 
 from chat.models import Conversation, Message
 
 USAGE_FIELDS = ("model", "prompt_tokens", "completion_tokens", "first_token_ms", "latency_ms")
+
+
+@admin.display(description="sources")
+def cited_sources(message: Message) -> str:
+    """The passages the reply's prompt held, numbered as the reply cites them, each linked to its chunk."""
+    if not message.sources:
+        return "—"
+    return format_html(
+        "<ol style='margin:0;padding-left:1.2em'>{}</ol>",
+        format_html_join(
+            "",
+            "<li value='{}'><a href='{}'>{}</a> <small>{}</small></li>",
+            (
+                (
+                    source.get("n"),
+                    reverse("admin:documents_chunk_change", args=[source.get("chunk_id")]),
+                    source.get("title"),
+                    source.get("heading") or "",
+                )
+                for source in message.sources
+            ),
+        ),
+    )
 
 
 class MessageInline(admin.TabularInline):
@@ -12,7 +37,7 @@ class MessageInline(admin.TabularInline):
     fk_name = "conversation"
     extra = 0
     can_delete = False
-    fields = ("created_at", "role", "status", "content", *USAGE_FIELDS, "error_code", "error_detail")
+    fields = ("created_at", "role", "status", "content", cited_sources, *USAGE_FIELDS, "error_code", "error_detail")
     readonly_fields = fields
     ordering = ("created_at", "id")
 
@@ -56,7 +81,7 @@ class MessageAdmin(admin.ModelAdmin):
     search_fields = ("content", "conversation__title")
     date_hierarchy = "created_at"
     list_select_related = ("conversation",)
-    readonly_fields = [f.name for f in Message._meta.fields]
+    readonly_fields = [*(f.name for f in Message._meta.fields if f.name != "sources"), cited_sources]
 
     def has_add_permission(self, request) -> bool:
         return False

@@ -163,7 +163,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
                 del payloads[index]  # deleted while we asked for its text
             elif index >= 0:
                 payloads[index] = protocol.message(final) if final else {**payloads[index], "content": text}
-            await self.send_frame(protocol.history(conversation.pk, conversation.title, payloads))
+            await self.send_frame(protocol.history(conversation, payloads))
 
         # At most one reply streams per conversation (a database constraint).
         streaming = [i for i, row in enumerate(rows) if row.status == Message.Status.STREAMING]
@@ -206,6 +206,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
             frame.conversation_id,
             frame.client_id,
             frame.content,
+            frame.use_documents,
             self._model_name(),
             control_address,
         )

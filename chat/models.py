@@ -6,6 +6,8 @@ from django.db.models import Q
 class Conversation(models.Model):
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="conversations")
     title = models.CharField(max_length=200, blank=True)
+    # Answers search the owner's documents (and the shared ones); off: plain chat.
+    use_documents = models.BooleanField(default=True)
     created_at = models.DateTimeField(auto_now_add=True)
     # Bumped on every new message, so "newest first" means "most recently active".
     updated_at = models.DateTimeField(auto_now=True)

@@ -57,6 +57,8 @@ class Send:
     conversation_id: str | None
     client_id: str
     content: str
+    # Switches the conversation's documents on or off from this turn; None leaves it as it is.
+    use_documents: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -134,7 +136,10 @@ def parse(text: str | None, size: int) -> ClientFrame:
             raise ProtocolError(
                 TOO_LARGE, f"Message longer than {settings.CHAT_MAX_MESSAGE_CHARS} characters.", client_id
             )
-        return Send(_id(frame, "conversation_id", nullable=True), client_id, content)
+        use_documents = frame.get("use_documents")
+        if use_documents is not None and not isinstance(use_documents, bool):
+            raise ProtocolError(BAD_REQUEST, "`use_documents` must be true, false or absent.", client_id)
+        return Send(_id(frame, "conversation_id", nullable=True), client_id, content, use_documents)
     if kind == "stop":
         return Stop(_id(frame, "message_id"))
     if kind == "regenerate":
@@ -219,8 +224,14 @@ def message_frame(msg: Any) -> dict[str, Any]:
     return {"type": "message", "message": message(msg)}
 
 
-def history(conversation_id: int, title: str, messages: list[dict[str, Any]]) -> dict[str, Any]:
-    return {"type": "history", "conversation_id": str(conversation_id), "title": title, "messages": messages}
+def history(conversation: Any, messages: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "type": "history",
+        "conversation_id": str(conversation.pk),
+        "title": conversation.title,
+        "use_documents": conversation.use_documents,
+        "messages": messages,
+    }
 
 
 def document(doc: Any, stage: str = "", done: int = 0, total: int = 0) -> dict[str, Any]:

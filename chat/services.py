@@ -165,7 +165,13 @@ def _lock_send(client_id: str) -> None:
 
 
 def begin_turn(
-    user, conversation_id: str | None, client_id: str, content: str, model_name: str, control_channel: str
+    user,
+    conversation_id: str | None,
+    client_id: str,
+    content: str,
+    use_documents: bool | None,
+    model_name: str,
+    control_channel: str,
 ) -> Turn:
     """Save the user's message and an empty `streaming` reply, or find the earlier send with this client_id."""
     with transaction.atomic():
@@ -178,7 +184,9 @@ def begin_turn(
         created = conversation_id is None
         if created:
             limits.check_turn(user, client_id, new_conversation=True)
-            conversation = Conversation.objects.create(owner=user, title=_title(content))
+            conversation = Conversation.objects.create(
+                owner=user, title=_title(content), use_documents=use_documents is not False
+            )
         else:
             conversation = get_conversation(user, conversation_id)
             # Serialise sends to one conversation.
@@ -193,7 +201,11 @@ def begin_turn(
         )
         reply = _new_reply(conversation, user_message, model_name, control_channel, new=created)
         if not created:
-            conversation.save(update_fields=["updated_at"])  # "newest first" means most recently active
+            changed = ["updated_at"]  # "newest first" means most recently active
+            if use_documents is not None and use_documents != conversation.use_documents:
+                conversation.use_documents = use_documents
+                changed.append("use_documents")
+            conversation.save(update_fields=changed)
     return Turn(conversation, user_message, reply, created_conversation=created)
 
 

@@ -276,6 +276,30 @@ PROCRASTINATE_WORKER_DEFAULTS = {
 WORKER_STALLED_SECONDS = env_float("WORKER_STALLED_SECONDS", 30.0)
 DOCUMENTS_MAX_ATTEMPTS = env_int("DOCUMENTS_MAX_ATTEMPTS", 3)
 
+# Answering from documents (documents/search.py). The defaults were chosen with bench/retrieval.py
+# (docs/performance.md): change them only with a measurement on your own questions.
+# Candidates taken from each side (vector, full text) before fusion.
+RETRIEVAL_CANDIDATES = env_int("RETRIEVAL_CANDIDATES", 40)
+# HNSW's candidate list (hnsw.ef_search) when the index is used (documents/search.py).
+RETRIEVAL_EF_SEARCH = env_int("RETRIEVAL_EF_SEARCH", 100)
+# Reciprocal rank fusion: score = weight / (RRF_K + rank), summed over the two lists.
+RETRIEVAL_RRF_K = env_int("RETRIEVAL_RRF_K", 60)
+RETRIEVAL_WEIGHT_VECTOR = env_float("RETRIEVAL_WEIGHT_VECTOR", 1.0)
+RETRIEVAL_WEIGHT_TEXT = env_float("RETRIEVAL_WEIGHT_TEXT", 1.0)
+# Full text matches by the question's rarest words, as many as are expected to match at most
+# this many of the user's chunks; it ranks by all of them (documents/search.py).
+RETRIEVAL_TEXT_MATCH_ROWS = env_int("RETRIEVAL_TEXT_MATCH_ROWS", 500)
+# How a follow-up becomes a search query: "recent" (the previous user message + the question),
+# "none", or "llm" (the chat model writes a standalone query; costs a model call per turn).
+RETRIEVAL_REWRITE = os.environ.get("RETRIEVAL_REWRITE", "recent")
+RETRIEVAL_RERANK = env_bool("RETRIEVAL_RERANK", True)
+RETRIEVAL_RERANK_DIVERSITY = env_float("RETRIEVAL_RERANK_DIVERSITY", 0.3)
+# At most this many sources in a prompt, taking at most this share of what the window has left
+# after the system prompt, the question and the answer's room, and at most RETRIEVAL_CONTEXT_TOKENS.
+RETRIEVAL_SOURCES = env_int("RETRIEVAL_SOURCES", 6)
+RETRIEVAL_CONTEXT_SHARE = env_float("RETRIEVAL_CONTEXT_SHARE", 0.5)
+RETRIEVAL_CONTEXT_TOKENS = env_int("RETRIEVAL_CONTEXT_TOKENS", 6000)
+
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,

@@ -250,7 +250,11 @@ def _markdown(text: str) -> tuple[str, list[Section]]:
 def _rst(text: str) -> tuple[str, list[Section]]:
     from documents import rst
 
-    return _html(rst.to_html(text))
+    # docutils titles a document with no title of its own "<string>" (its source's name): the first
+    # heading names it better (doctitle_xform is off, so the title is a heading).
+    title, sections = _html(rst.to_html(text))
+    first = next((section.heading[0] for section in sections if section.heading), "")
+    return first if title in ("", "<string>") else title, sections
 
 
 def _plain(text: str) -> list[Section]:

@@ -7,4 +7,5 @@ urlpatterns = [
     path("", views.index, name="index"),
     path("upload/", views.upload, name="upload"),
     path("<int:document_id>/delete/", views.delete, name="delete"),
+    path("<int:document_id>/passage/", views.passage, name="passage"),
 ]

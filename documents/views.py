@@ -1,13 +1,14 @@
 from django.conf import settings
 from django.contrib.auth.decorators import login_required
 from django.db import transaction
+from django.db.models.functions import Length, Substr
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
 from chat import protocol
 from documents import services, tasks
-from documents.models import Document
+from documents.models import Document, DocumentFile
 from documents.parsing import MIME_TYPES, SUPPORTED
 
 # One request carries at most this many files (the page sends them in groups of this size).
@@ -59,6 +60,47 @@ def upload(request: HttpRequest) -> JsonResponse:
         frame["unchanged"] = registered.unchanged
         rows.append(frame)
     return JsonResponse({"documents": rows})
+
+
+# Text shown either side of a cited passage.
+PASSAGE_CONTEXT_CHARS = 600
+
+
+@login_required
+def passage(request: HttpRequest, document_id: int) -> JsonResponse:
+    """A cited passage (``start``..``end`` of the document's extracted text, from a source) with
+    some text around it, for the page to show highlighted. Only a document the user may search."""
+    document = get_object_or_404(
+        Document.objects.visible_to(request.user).filter(status=Document.Status.READY), pk=document_id
+    )
+    try:
+        start, end = int(request.GET["start"]), int(request.GET["end"])
+    except (KeyError, ValueError):
+        return JsonResponse({"error": "`start` and `end` must be character offsets."}, status=400)
+    if not 0 <= start <= end:
+        return JsonResponse({"error": "`start` and `end` must be character offsets."}, status=400)
+    begin = max(0, start - PASSAGE_CONTEXT_CHARS)
+    # Only the window is read from the database, not the whole text (SQL substr is 1-based).
+    window = (
+        DocumentFile.objects.filter(pk=document.pk)
+        .annotate(window=Substr("text", begin + 1, end + PASSAGE_CONTEXT_CHARS - begin), length=Length("text"))
+        .values("window", "length")
+        .first()
+    ) or {"window": "", "length": 0}
+    text, length = window["window"], window["length"]
+    first = max(0, start - begin)
+    cut = end - begin
+    page = document.chunks.filter(char_start__lte=start, char_end__gt=start).values_list("page", flat=True).first()
+    return JsonResponse(
+        {
+            "document_id": str(document.pk),
+            "title": document.title,
+            "page": page,
+            "before": ("…" if begin > 0 else "") + text[:first],
+            "passage": text[first:cut],
+            "after": text[cut:] + ("…" if end + PASSAGE_CONTEXT_CHARS < length else ""),
+        }
+    )
 
 
 @login_required

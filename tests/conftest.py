@@ -56,6 +56,15 @@ def site(tmp_path_factory, llm_server):
 
 
 @pytest.fixture(autouse=True)
+def site_without_documents(request):
+    """The shared site's documents go with the test that made them: a later test's turns would
+    otherwise search them (and get a `sources` frame it does not expect)."""
+    yield
+    if "site" in request.fixturenames:
+        request.getfixturevalue("site").forget_documents()
+
+
+@pytest.fixture(autouse=True)
 def fresh_limits():
     """Rate-limit counters live in Redis and outlive a test: each test starts with none."""
     from chat import limits
@@ -156,10 +165,13 @@ class Client:
             if frame["type"] == kind:
                 return frames
 
-    async def say(self, content: str, conversation_id: str | None = None, client_id: str | None = None) -> dict:
+    async def say(
+        self, content: str, conversation_id: str | None = None, client_id: str | None = None, **fields
+    ) -> dict:
+        """Send ``content`` (with any extra ``fields`` of the send frame); return the next frame (the ack)."""
         client_id = client_id or str(uuid.uuid4())
         await self.send(
-            {"type": "send", "conversation_id": conversation_id, "client_id": client_id, "content": content}
+            {"type": "send", "conversation_id": conversation_id, "client_id": client_id, "content": content, **fields}
         )
         return await self.recv()
 

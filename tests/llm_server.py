@@ -11,6 +11,8 @@ in the last user message:
     [fail_after=N]  drop the connection after N tokens (mid-stream failure)
     [status=CODE]   answer with this HTTP status and an error body
     [bad_text]      answer "ok<NUL>ay <lone surrogate> end" (text PostgreSQL cannot store)
+    [cite]          answer with citation markers: CITED_REPLY ([1] and [2] exist when two sources
+                    were given; [9] never does)
 
 POST .../embeddings answers with deterministic vectors of the asked ``dimensions``.
 
@@ -34,11 +36,16 @@ import time
 DIRECTIVE = re.compile(r"\[(\w+)(?:=([\w.]+))?\]")
 
 
+CITED_REPLY = "The pump needs a new seal [1]. Rinse the filter weekly [2][9]."
+
+
 def plan(messages: list[dict]) -> tuple[list[str], dict[str, str]]:
     last = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
     directives = {k: v for k, v in DIRECTIVE.findall(last)}
     if "tokens" in directives:
         tokens = [f"t{i} " for i in range(int(directives["tokens"]))]
+    elif "cite" in directives:
+        tokens = re.findall(r"\S+\s*", CITED_REPLY)
     elif "bad_text" in directives:
         tokens = ["ok\x00ay ", "\ud800 ", "end"]
     else:

@@ -11,6 +11,8 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+import psycopg
+
 from chatsite import embedded
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -132,6 +134,14 @@ class Site:
             except subprocess.TimeoutExpired:
                 worker.kill()
                 worker.wait()
+
+    def forget_documents(self) -> None:
+        """Delete every document, with its chunks and file, in the site's database (the foreign keys
+        cascade in Django, not in the database: children first)."""
+        url = self.env["DATABASE_URL"].replace("postgres://", "postgresql://", 1)
+        with psycopg.connect(url) as connection:  # one transaction
+            for table in ("documents_chunk", "documents_documentfile", "documents_document"):
+                connection.execute(f"DELETE FROM {table}")  # noqa: S608 - table names, no input
 
     def logs(self) -> str:
         logs = sorted(self.var.glob("daphne-*.log")) + sorted(self.var.glob("worker-*.log"))

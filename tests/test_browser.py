@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import expect, sync_playwright
 
+from tests.llm_server import CITED_REPLY
 from tests.servers import PASSWORD, USERNAME
+from tests.test_retrieval import ALICE_PUMP
 
 pytestmark = [
     pytest.mark.e2e,
@@ -34,6 +36,17 @@ def browser():
         browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
         yield browser
         browser.close()
+
+
+def logged_in(browser, port: int, then: str = "/"):
+    """A new browser context logged in through the form, on ``then``."""
+    context = browser.new_context(viewport={"width": 1100, "height": 700})
+    page = context.new_page()
+    page.goto(f"http://127.0.0.1:{port}/accounts/login/?next={then}")
+    page.fill("#id_username", USERNAME)
+    page.fill("#id_password", PASSWORD)
+    page.click("button[type=submit]")
+    return context, page
 
 
 def test_log_in_chat_stream_reload_and_other_tab(site, browser):
@@ -113,12 +126,7 @@ def documents_page(site, browser, tmp_path, port: int) -> None:
     broken = tmp_path / "scan.pdf"
     broken.write_bytes(b"%PDF-1.4 this is not really a PDF")
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    context = browser.new_context(viewport={"width": 1100, "height": 700})
-    page = context.new_page()
-    page.goto(f"http://127.0.0.1:{port}/accounts/login/?next=/documents/")
-    page.fill("#id_username", USERNAME)
-    page.fill("#id_password", PASSWORD)
-    page.click("button[type=submit]")
+    context, page = logged_in(browser, port, "/documents/")
     expect(page.locator("#documents-page")).to_contain_text("up to 20.0")  # the limit, stated up front
     page.set_input_files("#file-input", [str(good), str(broken)])
     good_row = page.locator("#document-list tr", has_text="garden.md").or_(
@@ -135,3 +143,35 @@ def documents_page(site, browser, tmp_path, port: int) -> None:
     page.get_by_role("button", name="Delete Garden").click()
     expect(page.locator("#document-list tr", has_text="Garden")).to_have_count(0)
     context.close()
+
+
+def test_citations_open_their_passage_and_a_missing_source_is_not_a_link(site, browser, tmp_path):
+    notes = tmp_path / "pump.md"
+    notes.write_bytes(ALICE_PUMP)
+    site.manage("ingest", str(notes), "--user", USERNAME)
+    try:
+        context, page = logged_in(browser, site.ports[0])
+        expect(page.locator("#use-documents")).to_be_checked()
+        page.fill("#input", "my pump leaks at the front: which seal part do I need? [cite]")
+        page.keyboard.press("Enter")
+        reply = page.locator(".message.assistant").last
+        expect(reply.locator(".body")).to_have_text(CITED_REPLY)
+        expect(reply).to_have_attribute("data-status", "complete")
+        # [1] and [2] name the reply's two sources; [9] names none, so it stays text.
+        expect(reply.locator("a.cite")).to_have_text(["[1]", "[2]"])
+        expect(reply.locator(".sources li")).to_have_count(2)
+        expect(reply.locator(".sources li").first).to_contain_text("Garden pump")
+        reply.locator("a.cite").first.click()
+        passage = page.locator("#passage")
+        expect(passage).to_be_visible()
+        expect(passage.locator("#passage-title")).to_have_text("[1] Garden pump")
+        expect(passage.locator("mark")).to_contain_text("replace the seal with part A-17")
+        page.screenshot(path=SCREENSHOTS / "citation.png")
+        passage.get_by_role("button", name="Close").click()
+        expect(passage).to_be_hidden()
+        # After a reload, from the saved sources.
+        page.reload()
+        expect(page.locator(".message.assistant").last.locator("a.cite")).to_have_count(2)
+        context.close()
+    finally:
+        site.forget_documents()

@@ -87,6 +87,7 @@ Committing
 Call :meth:`~sqlalchemy.orm.Session.commit` at the end.
 """
     parsed = parse(text.encode(), "session.rst")
+    assert parsed.title == "Sessions"  # its first heading, not docutils' "<string>"
     sections = texts(parsed)
     assert sections[0][0] == ("Sessions",)
     assert "The Session keeps objects; see the guide." in sections[0][1]

@@ -73,9 +73,9 @@ def test_two_resends_of_one_client_id_racing_make_one_conversation(alice, monkey
         return create(**fields)
 
     monkeypatch.setattr(Conversation.objects, "create", slow_create)
-    a, a_turn = in_thread(services.begin_turn, alice, None, client_id, "hello", "m", "")
+    a, a_turn = in_thread(services.begin_turn, alice, None, client_id, "hello", None, "m", "")
     assert first.wait(5)
-    b, b_turn = in_thread(services.begin_turn, alice, None, client_id, "hello", "m", "")
+    b, b_turn = in_thread(services.begin_turn, alice, None, client_id, "hello", None, "m", "")
     a.join(5)
     b.join(5)
     assert Conversation.objects.count() == 1

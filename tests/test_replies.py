@@ -147,8 +147,9 @@ async def test_stop_flagged_in_the_database_alone_stops_the_reply(alice, setting
     """The database flag works with no channel message at all (the control address leads nowhere)."""
     settings.CHAT_FLUSH_SECONDS = 0.1
     layer = InMemoryChannelLayer()
-    turn = await services.db(services.begin_turn)(alice, None, "8a1f6c3e-0d0e-4c55-9a53-3f6d1c1f0a01",
-                                                  "[tokens=300][delay=0.02]", "test-model", "nowhere!x")  # fmt: skip
+    client_id = "8a1f6c3e-0d0e-4c55-9a53-3f6d1c1f0a01"
+    turn = await services.db(services.begin_turn)(alice, None, client_id, "[tokens=300][delay=0.02]", None,
+                                                  "test-model", "nowhere!x")  # fmt: skip
     task = answer.start(layer, turn)
     await asyncio.sleep(0.5)
     assert await services.db(services.request_stop)(alice, str(turn.reply.pk))
@@ -180,7 +181,7 @@ async def test_reply_whose_publishing_fails_ends_with_an_error_and_done(alice, m
     monkeypatch.setattr("chat.replies.stream.RETRY_PAUSES", (0.01, 0.01))
     layer = FailingLayer(good=2, bad=3)  # the second chunk and its two retries fail
     turn = await services.db(services.begin_turn)(alice, None, "8a1f6c3e-0d0e-4c55-9a53-3f6d1c1f0a02",
-                                                  "[tokens=100][delay=0.01]", "test-model", "")  # fmt: skip
+                                                  "[tokens=100][delay=0.01]", None, "test-model", "")  # fmt: skip
     await asyncio.wait_for(answer.start(layer, turn), 10)
     saved = await Message.objects.aget(pk=turn.reply.pk)
     assert saved.status == "error" and saved.error_code == protocol.DELIVERY_FAILED

@@ -1,15 +1,21 @@
 """The answering flow, one run per reply:
 
-    Prepare -> LoadHistory -> BuildPrompt -> StreamAnswer -> Persist
-       \\--------- "error" ---------\\--- "error" -------------->/
+    Prepare -> LoadHistory -> UseDocuments -> RewriteQuery -> Retrieve -> Rerank -> SelectContext
+                                   |                                                     |
+                                   \\------------- "plain" -------------> BuildPrompt <--/
+                                                                              |
+                                                      Persist <- StreamAnswer <-/
+    (Prepare and BuildPrompt go to Persist on "error".)
 
 Prepare gets the provider and starts the reply's row heartbeat and control
-registration; Persist is the one place a reply ends (last text published,
-final row written, `done` sent), whatever happened before it. Retrieval nodes
-(RewriteQuery, Retrieve, Rerank, SelectContext) slot in between LoadHistory
-and BuildPrompt. The shared store (``new_store``) holds the turn's ids, the
-``ReplyStream`` that publishes it, the ``ReplyRow`` that saves it, and each
-node's result.
+registration. UseDocuments decides whether this turn searches documents (the
+conversation's switch, and whether the user can see any); the search stages
+are documents/search.py's, the same ``manage.py retrieve`` runs. SelectContext
+picks the passages that fit the window, saves them on the reply and sends the
+`sources` frame before any chunk. Persist is the one place a reply ends (last
+text published, final row written, `done` sent), whatever happened before it.
+The shared store (``new_store``) holds the turn's ids, the ``ReplyStream``
+that publishes it, the ``ReplyRow`` that saves it, and each node's result.
 """
 
 from __future__ import annotations
@@ -20,16 +26,18 @@ import time
 from typing import Any
 
 from channels.layers import BaseChannelLayer
+from django.conf import settings
 from pocketflow import AsyncFlow, AsyncNode
 
 from chat import protocol, services
 from chat.llm import ProviderError, Status, Usage, get_provider
-from chat.llm.context import fit_prompt
+from chat.llm.context import fit_prompt, select_sources, source_budget, with_sources
 from chat.models import Message
 from chat.replies import control, running
 from chat.replies.row import Outcome, ReplyRow
 from chat.replies.stream import DeliveryError, ReplyStream
 from chat.services import db
+from documents import search
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +50,8 @@ def new_store(turn: services.Turn, stream: ReplyStream) -> dict[str, Any]:
         "reply_id": turn.reply.pk,
         "user_id": turn.conversation.owner_id,
         "question": turn.user_message.content,
+        "use_documents": turn.conversation.use_documents,
+        "sources": [],
         # A conversation made by this send has no history: LoadHistory need not ask the database.
         "new_conversation": turn.created_conversation,
         "stream": stream,
@@ -95,6 +105,102 @@ class LoadHistory(AsyncNode):
         shared["history"] = history
 
 
+class UseDocuments(AsyncNode):
+    """Whether this turn searches: the conversation's switch is on and the user can see a ready
+    document. One query over documents; without any, the turn is plain chat (no embedding, no
+    chunk read)."""
+
+    async def prep_async(self, shared: dict[str, Any]) -> int | None:
+        return shared["user_id"] if shared["use_documents"] else None
+
+    async def exec_async(self, user_id: int | None) -> search.Scope | None:
+        return await db(search.scope)(user_id) if user_id is not None else None
+
+    async def post_async(self, shared: dict[str, Any], prep_res: Any, scope: search.Scope | None) -> str | None:
+        shared["scope"] = scope
+        return None if scope else "plain"
+
+
+class RewriteQuery(AsyncNode):
+    """A follow-up ("and how do I undo it?") as a query that names its topic (RETRIEVAL_REWRITE)."""
+
+    async def prep_async(self, shared: dict[str, Any]) -> tuple:
+        return shared["provider"], shared["question"], shared["history"]
+
+    async def exec_async(self, prep_res: tuple) -> str:
+        provider, question, history = prep_res
+        if settings.RETRIEVAL_REWRITE == "llm":
+            try:
+                return await search.rewrite_llm(provider, question, history)
+            except ProviderError as exc:
+                logger.warning("query rewrite failed (%s): the recent turns are used instead", exc.code)
+                return search.rewrite_recent(question, history)
+        return search.search_text(question, history, settings.RETRIEVAL_REWRITE)
+
+    async def post_async(self, shared: dict[str, Any], prep_res: Any, query: str) -> None:
+        shared["query"] = query
+
+
+class Retrieve(AsyncNode):
+    """Full text and vector search over the user's chunks, fused (documents/search.py)."""
+
+    async def prep_async(self, shared: dict[str, Any]) -> tuple:
+        return shared["scope"], shared["query"], shared["stream"]
+
+    async def exec_async(self, prep_res: tuple) -> list[search.Hit]:
+        scope, query, stream = prep_res
+        try:
+            # The embedder computes for ~10-25 ms: off the event loop.
+            vector = await asyncio.to_thread(search.embed_query, query)
+            return await db(search.retrieve)(scope, query, vector)
+        except Exception:  # noqa: BLE001 - the answer goes on without documents, and says so
+            logger.exception("reply %s: searching documents failed", stream.reply_id)
+            await stream.send(protocol.status(stream.reply_id, "search_failed"))
+            return []
+
+    async def post_async(self, shared: dict[str, Any], prep_res: Any, hits: list[search.Hit]) -> None:
+        shared["hits"] = hits
+
+
+class Rerank(AsyncNode):
+    """Rescored by cosine, picked by maximal marginal relevance (RETRIEVAL_RERANK; docs/performance.md)."""
+
+    async def prep_async(self, shared: dict[str, Any]) -> list[search.Hit]:
+        return shared["hits"]
+
+    async def exec_async(self, hits: list[search.Hit]) -> list[search.Hit]:
+        return search.rerank(hits) if settings.RETRIEVAL_RERANK else hits
+
+    async def post_async(self, shared: dict[str, Any], prep_res: Any, hits: list[search.Hit]) -> None:
+        shared["hits"] = hits
+
+
+class SelectContext(AsyncNode):
+    """The best passages that fit the window beside the history and the answer; saved on the
+    reply and sent as the `sources` frame, before any chunk."""
+
+    async def prep_async(self, shared: dict[str, Any]) -> tuple:
+        return shared["provider"], shared["hits"], shared["question"]
+
+    async def exec_async(self, prep_res: tuple) -> list:
+        provider, hits, question = prep_res
+        if not hits:
+            return []
+
+        def select() -> list:
+            budget = source_budget(provider, question)
+            return select_sources(provider, hits, budget, settings.RETRIEVAL_SOURCES)
+
+        return await asyncio.to_thread(select)  # counting tokens takes a few ms
+
+    async def post_async(self, shared: dict[str, Any], prep_res: Any, sources: list) -> None:
+        shared["sources"] = sources
+        if sources:
+            items = [source.frame() for source in sources]
+            await shared["row"].save_sources(items)
+            await shared["stream"].send(protocol.sources(shared["reply_id"], items))
+
+
 # Below this many characters, fitting a prompt takes about a millisecond (local model, measured):
 # it runs on the event loop rather than waiting in line for a worker thread.
 INLINE_PROMPT_CHARS = 1000
@@ -102,16 +208,17 @@ INLINE_PROMPT_CHARS = 1000
 
 class BuildPrompt(AsyncNode):
     async def prep_async(self, shared: dict[str, Any]) -> tuple:
-        return shared["provider"], shared["history"], shared["question"]
+        return shared["provider"], shared["history"], shared["question"], shared["sources"]
 
     async def exec_async(self, prep_res: tuple) -> list[dict[str, str]] | ProviderError:
-        provider, history, question = prep_res
-        size = len(question) + sum(len(m["content"]) for m in history)
+        provider, history, question, sources = prep_res
+        system = with_sources(provider.system_prompt, sources)
+        size = len(question) + len(system) + sum(len(m["content"]) for m in history)
         try:
             if size <= INLINE_PROMPT_CHARS:
-                return fit_prompt(provider, history, question, provider.system_prompt)
+                return fit_prompt(provider, history, question, system)
             # Tokenizing a long history takes a while: keep the event loop free.
-            return await asyncio.to_thread(fit_prompt, provider, history, question, provider.system_prompt)
+            return await asyncio.to_thread(fit_prompt, provider, history, question, system)
         except ProviderError as exc:
             return exc
 
@@ -224,8 +331,11 @@ class Persist(AsyncNode):
 
 
 def answer_flow() -> AsyncFlow:
-    prepare, load, build, answer, persist = Prepare(), LoadHistory(), BuildPrompt(), StreamAnswer(), Persist()
-    prepare >> load >> build >> answer >> persist
+    prepare, load, use_documents = Prepare(), LoadHistory(), UseDocuments()
+    rewrite, retrieve, rerank, select = RewriteQuery(), Retrieve(), Rerank(), SelectContext()
+    build, answer, persist = BuildPrompt(), StreamAnswer(), Persist()
+    prepare >> load >> use_documents >> rewrite >> retrieve >> rerank >> select >> build >> answer >> persist
+    use_documents - "plain" >> build
     prepare - "error" >> persist
     build - "error" >> persist
     return AsyncFlow(start=prepare)

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+from typing import Any
+
+from django.conf import settings
+
 from chat.llm.base import ChatMessages, Provider, ProviderError
 from chat.protocol import CONTEXT_TOO_LONG
+from documents.search import snippet
 
 
 def _turns(history: ChatMessages) -> list[ChatMessages]:
@@ -52,3 +58,114 @@ def fit_prompt(provider: Provider, history: ChatMessages, question: str, system_
     while kept and provider.count_tokens(build()) > budget:
         kept.pop(0)
     return build()
+
+
+# --- sources from documents --------------------------------------------------------
+
+CITE_INSTRUCTION = (
+    "Answer from the numbered sources below when they hold the answer, and cite each source you "
+    "use by its number in square brackets, like [1] or [2][3]. If they do not hold the answer, "
+    "say so, then answer from what you know."
+)
+
+
+@dataclass
+class Source:
+    """A passage in the prompt, numbered ``n``: one chunk, or neighbouring chunks merged."""
+
+    n: int
+    document_id: int
+    title: str
+    source: str
+    chunk_id: int
+    heading: str
+    page: int | None
+    text: str
+    char_start: int
+    char_end: int
+    ordinal_first: int
+    ordinal_last: int
+
+    def prompt_text(self) -> str:
+        where = " › ".join(part for part in (self.title, self.heading) if part)
+        return f"[{self.n}] {where}\n{self.text}"
+
+    def frame(self) -> dict[str, Any]:
+        """What the `sources` frame and the saved message carry (docs/protocol.md)."""
+        return {
+            "n": self.n,
+            "document_id": str(self.document_id),
+            "title": self.title,
+            "chunk_id": str(self.chunk_id),
+            "snippet": snippet(self.text),
+            "heading": self.heading,
+            "page": self.page,
+            "start": self.char_start,
+            "end": self.char_end,
+        }
+
+
+def with_sources(system_prompt: str, sources: list[Source]) -> str:
+    if not sources:
+        return system_prompt
+    return "\n\n".join([system_prompt, CITE_INSTRUCTION, *(s.prompt_text() for s in sources)])
+
+
+def _merged(source: Source, hit: Any) -> Source | None:
+    """``source`` with ``hit`` joined on, when ``hit`` is the next or previous chunk of the same
+    section: one passage reads better than two halves, and their overlap is not paid twice."""
+    if hit.document_id != source.document_id or hit.heading != source.heading:
+        return None
+    if hit.ordinal == source.ordinal_last + 1:
+        overlap = max(0, source.char_end - hit.char_start)
+        text = source.text + ("" if overlap else "\n\n") + hit.text[overlap:]
+        return replace(source, text=text, char_end=hit.char_end, ordinal_last=hit.ordinal)
+    if hit.ordinal == source.ordinal_first - 1:
+        overlap = max(0, hit.char_end - source.char_start)
+        text = hit.text + ("" if overlap else "\n\n") + source.text[overlap:]
+        return replace(source, text=text, char_start=hit.char_start, ordinal_first=hit.ordinal, chunk_id=hit.chunk_id)
+    return None
+
+
+def source_budget(provider: Provider, question: str) -> int:
+    """Tokens the sources may take: a share of what the window has left once the system prompt,
+    the question and the answer's room are counted (the rest is for history), and a cap, since a
+    128k window filled with passages costs money and dilutes the answer."""
+    system = {"role": "system", "content": f"{provider.system_prompt}\n\n{CITE_INSTRUCTION}"}
+    fixed = provider.count_tokens([system, {"role": "user", "content": question}])
+    free = provider.context_tokens - provider.max_tokens - fixed
+    return max(0, min(int(free * settings.RETRIEVAL_CONTEXT_SHARE), settings.RETRIEVAL_CONTEXT_TOKENS))
+
+
+def select_sources(provider: Provider, hits: list[Any], budget: int, most: int) -> list[Source]:
+    """The best hits, in their order, that fit ``budget`` tokens and ``most`` sources: exact
+    duplicates dropped, neighbouring chunks of one section merged into one source."""
+
+    def cost(source: Source) -> int:
+        return provider.count_tokens([{"role": "system", "content": source.prompt_text()}])
+
+    sources: list[Source] = []
+    costs: list[int] = []
+    seen: set[str] = set()
+    for hit in hits:
+        key = " ".join(hit.text.split()).lower()
+        if key in seen:
+            continue  # the same passage in another document (a file both shared and uploaded)
+        for i, source in enumerate(sources):
+            merged = _merged(source, hit)
+            if merged is not None and sum(costs) - costs[i] + cost(merged) <= budget:
+                sources[i], costs[i] = merged, cost(merged)
+                break
+        else:
+            if len(sources) >= most:
+                continue
+            new = Source(
+                len(sources) + 1, hit.document_id, hit.title, hit.source, hit.chunk_id, hit.heading, hit.page,
+                hit.text, hit.char_start, hit.char_end, hit.ordinal, hit.ordinal,
+            )  # fmt: skip
+            if sum(costs) + cost(new) > budget:
+                continue  # a shorter passage further down may still fit
+            sources.append(new)
+            costs.append(cost(new))
+        seen.add(key)
+    return sources

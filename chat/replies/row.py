@@ -1,8 +1,9 @@
 """The one writer of a streaming reply's database row.
 
-While a reply streams, its row is written only from here: a flush every
+While a reply streams, its row is written only from here: its sources once,
+before the first chunk (when documents were used), a flush every
 CHAT_FLUSH_SECONDS (the text so far, and ``updated_at`` so the row is not
-taken for a dead process's), then one final write. Both UPDATEs match only a
+taken for a dead process's), then one final write. Every UPDATE matches only a
 row that is still ``streaming``, so a late flush can never overwrite the final
 text or status, and a row that was finished or deleted elsewhere stops the
 reply instead of being written again.
@@ -82,6 +83,12 @@ def finish(reply_id: int, outcome: Outcome, content: str, latency_ms: int) -> bo
     )
 
 
+def save_sources(reply_id: int, sources: list[dict]) -> None:
+    """The passages the reply's prompt holds, saved before its first chunk: a tab that opens the
+    conversation mid-stream gets them with the history."""
+    Message.objects.filter(pk=reply_id, status=Message.Status.STREAMING).update(sources=sources)
+
+
 class Heartbeat:
     """Flushes every streaming reply of this process (and event loop) together, every CHAT_FLUSH_SECONDS."""
 
@@ -132,6 +139,9 @@ class ReplyRow:
         """Flush ``text()`` every CHAT_FLUSH_SECONDS; call ``on_stop`` when the row says stop."""
         self._heartbeat = Heartbeat.of_this_loop()
         self._heartbeat.add(self.reply_id, text, on_stop)
+
+    async def save_sources(self, sources: list[dict]) -> None:
+        await db(save_sources)(self.reply_id, sources)
 
     async def finish(self, outcome: Outcome, content: str, latency_ms: int) -> None:
         if self._heartbeat is not None:

@@ -8,12 +8,14 @@
   const stopButton = document.getElementById("stop");
   const connection = document.getElementById("connection");
   const welcome = document.getElementById("welcome");
+  const useDocuments = document.getElementById("use-documents");
+  const passageDialog = document.getElementById("passage");
   const maxChars = parseInt(app.dataset.maxChars || "16000", 10);
 
   let conversationId = app.dataset.conversationId || null;
   let socket = null;
   let retry = 0;
-  const messages = new Map(); // id -> {role, text, status, el}
+  const messages = new Map(); // id -> {role, text, status, sources, el}
   const pending = new Map(); // client_id -> {content, el}: sent, not yet acknowledged
   let streamingId = null;
 
@@ -34,7 +36,7 @@
       outbox.splice(0).forEach(send);
       // Unacknowledged sends go again: the same client_id makes this safe.
       for (const [clientId, p] of pending) {
-        send({type: "send", conversation_id: conversationId, client_id: clientId, content: p.content});
+        send({type: "send", conversation_id: conversationId, client_id: clientId, content: p.content, use_documents: p.useDocuments});
       }
     };
     socket.onmessage = (event) => { lastFrameAt = Date.now(); handle(JSON.parse(event.data)); };
@@ -88,15 +90,93 @@
     meta.textContent = detail || labels[status] || "";
   }
 
+  // A reply's text, with each [n] that names one of its sources as a link that opens the passage.
+  // A number with no such source stays plain text. Built from text nodes: nothing is parsed as HTML.
+  function renderBody(entry) {
+    const body = entry.el.querySelector(".body");
+    if (entry.role !== "assistant" || !entry.sources || !entry.sources.length) {
+      body.textContent = entry.text;
+      return;
+    }
+    const byNumber = new Map(entry.sources.map((s) => [String(s.n), s]));
+    const parts = [];
+    let last = 0;
+    for (const match of entry.text.matchAll(/\[(\d{1,3})\]/g)) {
+      const source = byNumber.get(match[1]);
+      if (!source) continue;
+      parts.push(document.createTextNode(entry.text.slice(last, match.index)));
+      const link = document.createElement("a");
+      link.href = "#";
+      link.className = "cite";
+      link.textContent = match[0];
+      link.title = source.title;
+      link.setAttribute("aria-label", `Source ${source.n}: ${source.title}`);
+      link.addEventListener("click", (event) => { event.preventDefault(); openPassage(source); });
+      parts.push(link);
+      last = match.index + match[0].length;
+    }
+    parts.push(document.createTextNode(entry.text.slice(last)));
+    body.replaceChildren(...parts);
+  }
+
+  // The sources a reply drew on, listed under it.
+  function renderSources(entry) {
+    let box = entry.el.querySelector(".sources");
+    if (!entry.sources || !entry.sources.length) { box?.remove(); return; }
+    if (!box) {
+      box = document.createElement("ol");
+      box.className = "sources";
+      box.setAttribute("aria-label", "Sources");
+      entry.el.querySelector(".meta").before(box);
+    }
+    box.replaceChildren(...entry.sources.map((source) => {
+      const item = document.createElement("li");
+      item.value = source.n;
+      const open = document.createElement("button");
+      open.type = "button";
+      open.className = "link";
+      open.textContent = source.title + (source.page ? `, page ${source.page}` : "");
+      open.addEventListener("click", () => openPassage(source));
+      const where = document.createElement("small");
+      where.textContent = source.heading || "";
+      item.append(open, where);
+      return item;
+    }));
+  }
+
+  async function openPassage(source) {
+    const title = document.getElementById("passage-title");
+    const where = document.getElementById("passage-where");
+    const text = document.getElementById("passage-text");
+    title.textContent = `[${source.n}] ${source.title}`;
+    where.textContent = [source.page ? `Page ${source.page}` : "", source.heading].filter(Boolean).join(" · ");
+    text.textContent = source.snippet;
+    passageDialog.showModal();
+    try {
+      const url = `/documents/${encodeURIComponent(source.document_id)}/passage/?start=${source.start}&end=${source.end}`;
+      const response = await fetch(url, {headers: {Accept: "application/json"}});
+      if (!response.ok) throw new Error(response.status === 404 ? "This document has been deleted." : "The passage could not be loaded.");
+      const passage = await response.json();
+      const mark = document.createElement("mark");
+      mark.textContent = passage.passage;
+      text.replaceChildren(document.createTextNode(passage.before), mark, document.createTextNode(passage.after));
+      mark.scrollIntoView({block: "center"});
+    } catch (error) {
+      where.textContent = error.message;
+    }
+  }
+
   function addMessage(m) {
     let entry = messages.get(m.id);
     if (!entry) {
-      entry = {role: m.role, text: "", status: m.status, el: bubble(m.role, "", m.status)};
+      entry = {role: m.role, text: "", status: m.status, sources: [], el: bubble(m.role, "", m.status)};
       messages.set(m.id, entry);
     }
     entry.text = m.content;
     entry.status = m.status;
-    entry.el.querySelector(".body").textContent = m.content;
+    entry.sources = m.sources || [];
+    renderBody(entry);
+    renderSources(entry);
     setStatus(entry.el, m.status, m.error ? m.error.message : "");
     if (m.status === "streaming") setStreaming(m.id);
     return entry;
@@ -117,6 +197,7 @@
     switch (frame.type) {
       case "history": {
         if (frame.conversation_id !== conversationId) return;
+        useDocuments.checked = frame.use_documents !== false;
         messages.clear();
         list.querySelectorAll(".message").forEach((el) => el.remove());
         setStreaming(null);
@@ -148,11 +229,20 @@
         addMessage(frame.message);
         scrollDown();
         break;
+      case "sources": {
+        const entry = messages.get(frame.message_id) ||
+          addMessage({id: frame.message_id, role: "assistant", content: "", status: "streaming"});
+        entry.sources = frame.sources;
+        renderBody(entry);
+        renderSources(entry);
+        break;
+      }
       case "status": {
         const entry = messages.get(frame.message_id);
         if (!entry) return;
         const text = frame.state === "queued" ? `Waiting for the model (position ${frame.position})…` :
-          frame.state === "warming_up" ? "The model is warming up…" : "";
+          frame.state === "warming_up" ? "The model is warming up…" :
+          frame.state === "search_failed" ? "Your documents could not be searched; answering without them." : "";
         setStatus(entry.el, "streaming", text);
         break;
       }
@@ -166,7 +256,7 @@
         }
         const delta = [...frame.delta].slice(have - frame.offset).join(""); // drop any repeated part
         entry.text += delta;
-        entry.el.querySelector(".body").textContent = entry.text;
+        renderBody(entry);
         setStatus(entry.el, "streaming");
         setStreaming(frame.message_id);
         scrollDown();
@@ -227,10 +317,10 @@
     if (!content.trim() || streamingId) return;
     if (cpLength(content) > maxChars) { toast(`Messages can be at most ${maxChars} characters.`); return; }
     const clientId = uuid();
-    pending.set(clientId, {content, el: bubble("user", content, "sending")});
+    pending.set(clientId, {content, useDocuments: useDocuments.checked, el: bubble("user", content, "sending")});
     input.value = "";
     scrollDown();
-    send({type: "send", conversation_id: conversationId, client_id: clientId, content});
+    send({type: "send", conversation_id: conversationId, client_id: clientId, content, use_documents: useDocuments.checked});
   });
   input.addEventListener("keydown", (event) => {
     if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {

@@ -67,7 +67,8 @@ class Command(BaseCommand):
             model_name = get_provider().model_name
         except ProviderError:
             model_name = ""
-        turn = await asyncio.to_thread(services.begin_turn, owner, None, str(uuid.uuid4()), message, model_name, "")
+        client_id = str(uuid.uuid4())
+        turn = await asyncio.to_thread(services.begin_turn, owner, None, client_id, message, None, model_name, "")
         shared = new_store(turn, TerminalStream(turn.reply.pk, sys.stdout, sys.stderr))
         await run_answer(shared)
         return shared["outcome"].status
