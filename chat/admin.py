@@ -1,10 +1,10 @@
 from django.contrib import admin
-from django.db.models import Count, Sum
+from django.db.models import Count, Q, Sum
 from django.db.models.functions import Coalesce
 from django.urls import reverse
 from django.utils.html import format_html, format_html_join
 
-from chat.models import Conversation, Message
+from chat.models import Conversation, Feedback, Message
 
 USAGE_FIELDS = ("model", "prompt_tokens", "completion_tokens", "first_token_ms", "latency_ms")
 
@@ -89,3 +89,39 @@ class MessageAdmin(admin.ModelAdmin):
     @admin.display(description="content")
     def short_content(self, obj: Message) -> str:
         return obj.content[:80]
+
+
+@admin.register(Feedback)
+class FeedbackAdmin(admin.ModelAdmin):
+    list_display = ("rating", "model", "short_comment", "reply", "user", "updated_at")
+    list_filter = ("rating", "message__model", "updated_at", "user")
+    search_fields = ("comment", "message__content", "user__username")
+    date_hierarchy = "updated_at"
+    list_select_related = ("message", "user")
+    readonly_fields = ("message", "user", "rating", "comment", "created_at", "updated_at")
+    # The changelist shows good / bad counts per model above the list (templates/admin/chat/feedback/).
+    change_list_template = "admin/chat/feedback/change_list.html"
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    @admin.display(ordering="message__model", description="model")
+    def model(self, obj: Feedback) -> str:
+        return obj.message.model
+
+    @admin.display(description="comment")
+    def short_comment(self, obj: Feedback) -> str:
+        return obj.comment[:80]
+
+    @admin.display(description="reply")
+    def reply(self, obj: Feedback) -> str:
+        url = reverse("admin:chat_message_change", args=[obj.message_id])
+        return format_html("<a href='{}'>#{}</a> {}", url, obj.message_id, obj.message.content[:60])
+
+    def changelist_view(self, request, extra_context=None):
+        per_model = (
+            Feedback.objects.values("message__model")
+            .annotate(good=Count("pk", filter=Q(rating=1)), bad=Count("pk", filter=Q(rating=-1)))
+            .order_by("message__model")
+        )
+        return super().changelist_view(request, {**(extra_context or {}), "per_model": per_model})

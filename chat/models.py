@@ -81,3 +81,25 @@ class Message(models.Model):
 
     def __str__(self) -> str:
         return f"{self.role} #{self.pk}: {self.content[:60]}"
+
+
+class Feedback(models.Model):
+    """A user's thumbs up or down on a reply, with an optional comment: one per user and reply."""
+
+    class Rating(models.IntegerChoices):
+        GOOD = 1, "Good"
+        BAD = -1, "Bad"
+
+    message = models.ForeignKey(Message, on_delete=models.CASCADE, related_name="feedback")
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="feedback")
+    rating = models.SmallIntegerField(choices=Rating.choices)
+    comment = models.TextField(blank=True, max_length=2000)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["-updated_at"]
+        constraints = [models.UniqueConstraint(fields=["message", "user"], name="feedback_one_per_user_and_reply")]
+
+    def __str__(self) -> str:
+        return f"{self.get_rating_display()} on #{self.message_id}"

@@ -214,6 +214,8 @@ def message(msg: Any) -> dict[str, Any]:
         "created_at": msg.created_at.isoformat().replace("+00:00", "Z"),
         "sources": msg.sources or [],
         "reply_to": str(msg.reply_to_id) if msg.reply_to_id else None,
+        # The user's own thumbs up (1) or down (-1), when the row was read with it (history).
+        "feedback": getattr(msg, "my_rating", None),
         "model": msg.model,
         "error": {"code": msg.error_code, "message": msg.error_message} if msg.error_code else None,
     }

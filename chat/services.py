@@ -12,10 +12,11 @@ from datetime import timedelta
 from channels.db import database_sync_to_async
 from django.conf import settings
 from django.db import IntegrityError, connection, transaction
+from django.db.models import OuterRef, Subquery
 from django.utils import timezone
 
 from chat import limits, protocol
-from chat.models import Conversation, Message
+from chat.models import Conversation, Feedback, Message
 from chat.protocol import ProtocolError
 
 TITLE_CHARS = 80
@@ -114,7 +115,9 @@ def open_conversation(user, conversation_id: str) -> tuple[Conversation, list[Me
     """The user's conversation and its messages (replies left by a dead process marked `interrupted` first)."""
     conversation = get_conversation(user, conversation_id)
     recover_stale(conversation.pk)
-    return conversation, list(conversation.messages.all())
+    # With the user's own rating of each reply (thumbs up or down), in the same query.
+    rating = Feedback.objects.filter(message=OuterRef("pk"), user=user).values("rating")[:1]
+    return conversation, list(conversation.messages.annotate(my_rating=Subquery(rating)))
 
 
 def _title(content: str) -> str:

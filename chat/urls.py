@@ -6,4 +6,5 @@ app_name = "chat"
 urlpatterns = [
     path("", views.home, name="home"),
     path("c/<int:conversation_id>/", views.conversation, name="conversation"),
+    path("feedback/<int:message_id>/", views.feedback, name="feedback"),
 ]

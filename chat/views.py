@@ -1,14 +1,16 @@
+import json
+
 from django.conf import settings
 from django.contrib.auth import login
 from django.contrib.auth import views as auth_views
 from django.contrib.auth.decorators import login_required
 from django.contrib.auth.forms import UserCreationForm
-from django.http import HttpRequest, HttpResponse
+from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
-from django.views.decorators.http import require_http_methods
+from django.views.decorators.http import require_http_methods, require_POST
 
 from chat import limits
-from chat.models import Conversation
+from chat.models import Conversation, Feedback, Message
 
 
 def model_note() -> str:
@@ -88,3 +90,28 @@ def signup(request: HttpRequest) -> HttpResponse:
             login(request, user)
             return redirect("chat:home")
     return render(request, "registration/signup.html", {"form": form})
+
+
+# A comment longer than this is refused, not cut.
+FEEDBACK_COMMENT_CHARS = 2000
+
+
+@login_required
+@require_POST
+def feedback(request: HttpRequest, message_id: int) -> JsonResponse:
+    """Thumbs up or down (``{"rating": 1 | -1, "comment": "..."}``) on one of the user's replies;
+    sending again replaces it."""
+    # Someone else's reply is "not found", exactly like one that does not exist.
+    reply = get_object_or_404(Message, pk=message_id, role=Message.Role.ASSISTANT, conversation__owner=request.user)
+    try:
+        data = json.loads(request.body)
+        rating = int(data["rating"])
+        comment = str(data.get("comment") or "").strip()
+    except (ValueError, KeyError, TypeError):
+        return JsonResponse({"error": 'Send {"rating": 1 or -1, "comment": optional text}.'}, status=400)
+    if rating not in Feedback.Rating.values:
+        return JsonResponse({"error": "`rating` must be 1 (good) or -1 (bad)."}, status=400)
+    if len(comment) > FEEDBACK_COMMENT_CHARS:
+        return JsonResponse({"error": f"Comments can be at most {FEEDBACK_COMMENT_CHARS} characters."}, status=400)
+    Feedback.objects.update_or_create(message=reply, user=request.user, defaults={"rating": rating, "comment": comment})
+    return JsonResponse({"message_id": str(reply.pk), "rating": rating, "comment": comment})

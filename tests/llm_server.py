@@ -11,6 +11,8 @@ in the last user message:
     [fail_after=N]  drop the connection after N tokens (mid-stream failure)
     [status=CODE]   answer with this HTTP status and an error body
     [bad_text]      answer "ok<NUL>ay <lone surrogate> end" (text PostgreSQL cannot store)
+    [markdown]      answer with MARKDOWN_REPLY (a heading, a list, a table, a link, a Python code block)
+    [xss]           answer with XSS_REPLY (script, event handlers, javascript: links, raw HTML)
     [cite]          answer with citation markers: CITED_REPLY ([1] and [2] exist when two sources
                     were given; [9] never does)
 
@@ -36,6 +38,17 @@ import time
 DIRECTIVE = re.compile(r"\[(\w+)(?:=([\w.]+))?\]")
 
 
+MARKDOWN_REPLY = (
+    "### Reading a file\n\nThree steps:\n\n1. open it\n2. read it\n3. **close** it\n\n"
+    "| mode | meaning |\n|---|---|\n| r | read |\n| w | write |\n\n"
+    "```python\ndef read(path):\n    with open(path) as f:\n        return f.read()\n```\n\n"
+    "See [the docs](https://docs.python.org/3/) for more.\n"
+)
+XSS_REPLY = (
+    '<script>window.xssRan = "script"</script> <img src="x" onerror="window.xssRan = \'img\'"> '
+    "[click me](javascript:window.xssRan='link') <b onmouseover=\"window.xssRan='b'\">bold?</b> "
+    "<iframe src=\"javascript:window.xssRan='iframe'\"></iframe> done"
+)
 CITED_REPLY = "The pump needs a new seal [1]. Rinse the filter weekly [2][9]."
 
 
@@ -44,6 +57,10 @@ def plan(messages: list[dict]) -> tuple[list[str], dict[str, str]]:
     directives = {k: v for k, v in DIRECTIVE.findall(last)}
     if "tokens" in directives:
         tokens = [f"t{i} " for i in range(int(directives["tokens"]))]
+    elif "markdown" in directives:
+        tokens = re.findall(r"\S+\s*", MARKDOWN_REPLY)
+    elif "xss" in directives:
+        tokens = re.findall(r"\S+\s*", XSS_REPLY)
     elif "cite" in directives:
         tokens = re.findall(r"\S+\s*", CITED_REPLY)
     elif "bad_text" in directives:

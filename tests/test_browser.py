@@ -175,3 +175,117 @@ def test_citations_open_their_passage_and_a_missing_source_is_not_a_link(site, b
         context.close()
     finally:
         site.forget_documents()
+
+
+def test_markdown_code_xss_actions_feedback_theme_and_drawer(site, browser):
+    port = site.ports[0]
+    context, page = logged_in(browser, port)
+    context.grant_permissions(["clipboard-read", "clipboard-write"], origin=f"http://127.0.0.1:{port}")
+
+    # Markdown streams in and renders: heading, list, table, link, highlighted code with its language.
+    page.fill("#input", "Show me how to read a file [markdown][delay=0.03]")
+    page.keyboard.press("Enter")
+    reply = page.locator(".message.assistant").last
+    expect(reply.locator("h3")).to_have_text("Reading a file")
+    expect(reply).to_have_attribute("data-status", "streaming")
+    page.screenshot(path=SCREENSHOTS / "markdown-streaming.png")
+    expect(reply).to_have_attribute("data-status", "complete")
+    expect(reply.locator("ol li")).to_have_count(3)
+    expect(reply.locator("table td").first).to_have_text("r")
+    expect(reply.locator("a[href='https://docs.python.org/3/']")).to_have_attribute(
+        "rel", "noopener noreferrer nofollow"
+    )
+    expect(reply.locator(".code-lang")).to_have_text("python")
+    expect(reply.locator("code.hljs .hljs-keyword").first).to_have_text("def")
+    reply.get_by_role("button", name="Copy code").click()
+    expect(reply.get_by_role("button", name="Copy code")).to_have_text("Copied")
+    assert page.evaluate("navigator.clipboard.readText()").startswith("def read(path):\n    with open(path)")
+    reply.get_by_role("button", name="Copy reply").click()
+    assert page.evaluate("navigator.clipboard.readText()").startswith("### Reading a file")
+    page.screenshot(path=SCREENSHOTS / "markdown-light.png")
+
+    # Whatever HTML the model sends renders inert.
+    page.fill("#input", "Try to break the page [xss]")
+    page.keyboard.press("Enter")
+    evil = page.locator(".message.assistant").last
+    expect(evil).to_have_attribute("data-status", "complete")
+    expect(evil.locator(".body")).to_contain_text("done")
+    assert evil.locator("script, img, iframe, [onerror], [onmouseover]").count() == 0
+    assert all(
+        not (href or "").lower().startswith("javascript")
+        for href in evil.locator("a").evaluate_all("as => as.map(a => a.getAttribute('href'))")
+    )
+    evil.locator(".body").hover()
+    assert page.evaluate("window.xssRan") is None
+
+    # Regenerate: a second reply to the same message, and ‹ › between them.
+    page.get_by_role("button", name="Regenerate reply").last.click()
+    shown = page.locator(".message.assistant:not([hidden])").last  # of the replies to the last message
+    expect(shown.locator(".variant")).to_have_text("2/2")
+    expect(shown).to_have_attribute("data-status", "complete")
+    shown.get_by_role("button", name="Previous reply").click()
+    expect(shown.locator(".variant")).to_have_text("1/2")
+    expect(shown.locator(".body")).to_contain_text("done")  # the first reply again
+    shown.get_by_role("button", name="Next reply").click()
+    expect(shown.locator(".variant")).to_have_text("2/2")
+
+    # Feedback with a comment, then seen in admin.
+    first = page.locator(".message.assistant").first
+    first.get_by_role("button", name="Good reply").click()
+    expect(first.get_by_role("button", name="Good reply")).to_have_attribute("aria-pressed", "true")
+    first.get_by_label("Feedback comment").fill("Clear and short")
+    first.get_by_label("Feedback comment").press("Enter")
+    expect(page.locator(".toast")).to_have_text("Thank you for the comment.")
+    page.reload()  # the rating comes back with the history
+    expect(page.locator(".message.assistant").first.get_by_role("button", name="Good reply")).to_have_attribute(
+        "aria-pressed", "true"
+    )
+
+    # Dark theme, kept across a reload.
+    page.get_by_role("button", name="Dark theme").click()
+    expect(page.locator("html")).to_have_attribute("data-theme", "dark")
+    page.reload()
+    expect(page.locator("html")).to_have_attribute("data-theme", "dark")
+    expect(page.locator(".message.assistant").first.locator("h3")).to_be_visible()
+    page.screenshot(path=SCREENSHOTS / "markdown-dark.png")
+    context.close()
+
+    staff = "staff-" + USERNAME
+    make_staff = f"User.objects.create_superuser({staff!r}, password={PASSWORD!r})"
+    site.manage("shell", "-c", "from django.contrib.auth.models import User; "
+                f"User.objects.filter(username={staff!r}).exists() or {make_staff}")  # fmt: skip
+    admin_context = browser.new_context()
+    admin = admin_context.new_page()
+    admin.goto(f"http://127.0.0.1:{port}/admin/chat/feedback/")
+    admin.fill("#id_username", staff)
+    admin.fill("#id_password", PASSWORD)
+    admin.click("input[type=submit]")
+    expect(admin.locator("#result_list")).to_contain_text("Clear and short")
+    expect(admin.locator("#feedback-per-model")).to_contain_text("test-model")
+    expect(admin.locator("#changelist-filter")).to_contain_text("By rating")
+    admin_context.close()
+
+    # At 375 px: no sideways scroll, and the sidebar is a drawer behind a visible button.
+    for theme in ("light", "dark"):
+        phone = browser.new_context(viewport={"width": 375, "height": 740}, color_scheme=theme)
+        page = phone.new_page()
+        page.goto(f"http://127.0.0.1:{port}/accounts/login/")
+        page.fill("#id_username", USERNAME)
+        page.fill("#id_password", PASSWORD)
+        page.click("button[type=submit]")
+        page.goto(f"http://127.0.0.1:{port}" + page.locator("#conversation-list a").first.get_attribute("href"))
+        expect(page.locator(".message.assistant").first.locator("h3")).to_be_visible()
+        expect(page.locator("html")).to_have_attribute("data-theme", theme)  # the system's, with no choice made
+        assert page.evaluate("document.documentElement.scrollWidth") <= 375
+        menu = page.get_by_role("button", name="Conversations")
+        expect(menu).to_have_attribute("aria-expanded", "false")
+        expect(page.locator("#sidebar")).to_be_hidden()
+        page.screenshot(path=SCREENSHOTS / f"phone-{theme}.png")
+        menu.click()
+        expect(menu).to_have_attribute("aria-expanded", "true")
+        expect(page.get_by_role("link", name="+ New chat")).to_be_in_viewport(ratio=1)
+        page.wait_for_timeout(300)  # the slide-in
+        page.screenshot(path=SCREENSHOTS / f"phone-drawer-{theme}.png")
+        page.keyboard.press("Escape")
+        expect(menu).to_have_attribute("aria-expanded", "false")
+        phone.close()

@@ -10,6 +10,9 @@
   const welcome = document.getElementById("welcome");
   const useDocuments = document.getElementById("use-documents");
   const passageDialog = document.getElementById("passage");
+  const connectionState = document.getElementById("connection-state");
+  const jumpButton = document.getElementById("jump");
+  const csrf = app.dataset.csrf;
   const maxChars = parseInt(app.dataset.maxChars || "16000", 10);
 
   let conversationId = app.dataset.conversationId || null;
@@ -32,6 +35,7 @@
     socket.onopen = () => {
       retry = 0;
       connection.hidden = true;
+      showConnection("connected");
       if (conversationId) send({type: "open", conversation_id: conversationId});
       outbox.splice(0).forEach(send);
       // Unacknowledged sends go again: the same client_id makes this safe.
@@ -42,6 +46,7 @@
     socket.onmessage = (event) => { lastFrameAt = Date.now(); handle(JSON.parse(event.data)); };
     socket.onclose = (event) => {
       connection.hidden = false;
+      showConnection(navigator.onLine ? "reconnecting" : "offline");
       if (event.code === 4401) { // the login ended (logged out elsewhere, expired): say so on the login page
         location.href = "/accounts/login/?session=ended&next=" + encodeURIComponent(location.pathname);
         return;
@@ -49,6 +54,14 @@
       setTimeout(connect, Math.min(10000, 500 * 2 ** retry++));
     };
   }
+
+  function showConnection(state) {
+    connectionState.dataset.state = state;
+    connectionState.textContent = {connecting: "Connecting…", connected: "Connected", reconnecting: "Reconnecting…", offline: "Offline"}[state];
+    connection.textContent = state === "offline" ? "You are offline: messages wait until the connection is back." : "Reconnecting…";
+  }
+  addEventListener("offline", () => showConnection("offline"));
+  addEventListener("online", () => { if (socket && socket.readyState !== WebSocket.OPEN) showConnection("reconnecting"); });
 
   // A reply that has gone silent (its frames lost while Redis was down, say): ask the server how it stands.
   // `open` is answered from the database, so it works even when the channel layer does not.
@@ -77,7 +90,9 @@
     body.textContent = text;
     const meta = document.createElement("div");
     meta.className = "meta";
-    el.append(body, meta);
+    const actions = document.createElement("div");
+    actions.className = "actions";
+    el.append(body, meta, actions);
     list.append(el);
     setStatus(el, status);
     return el;
@@ -90,33 +105,20 @@
     meta.textContent = detail || labels[status] || "";
   }
 
-  // A reply's text, with each [n] that names one of its sources as a link that opens the passage.
-  // A number with no such source stays plain text. Built from text nodes: nothing is parsed as HTML.
+  // An assistant reply is markdown, rendered safely (render.js); a user's message is plain text.
+  // While a reply streams, it is rendered at most once per frame.
   function renderBody(entry) {
     const body = entry.el.querySelector(".body");
-    if (entry.role !== "assistant" || !entry.sources || !entry.sources.length) {
+    if (entry.role !== "assistant") {
       body.textContent = entry.text;
       return;
     }
-    const byNumber = new Map(entry.sources.map((s) => [String(s.n), s]));
-    const parts = [];
-    let last = 0;
-    for (const match of entry.text.matchAll(/\[(\d{1,3})\]/g)) {
-      const source = byNumber.get(match[1]);
-      if (!source) continue;
-      parts.push(document.createTextNode(entry.text.slice(last, match.index)));
-      const link = document.createElement("a");
-      link.href = "#";
-      link.className = "cite";
-      link.textContent = match[0];
-      link.title = source.title;
-      link.setAttribute("aria-label", `Source ${source.n}: ${source.title}`);
-      link.addEventListener("click", (event) => { event.preventDefault(); openPassage(source); });
-      parts.push(link);
-      last = match.index + match[0].length;
-    }
-    parts.push(document.createTextNode(entry.text.slice(last)));
-    body.replaceChildren(...parts);
+    if (entry.frame) return;
+    entry.frame = requestAnimationFrame(() => {
+      entry.frame = null;
+      body.replaceChildren(ChatRender.markdown(entry.text, entry.sources, openPassage));
+      followIfPinned();
+    });
   }
 
   // The sources a reply drew on, listed under it.
@@ -175,8 +177,11 @@
     entry.text = m.content;
     entry.status = m.status;
     entry.sources = m.sources || [];
+    entry.replyTo = m.reply_to || entry.replyTo || null;
+    if (m.feedback !== undefined) entry.feedback = m.feedback;
     renderBody(entry);
     renderSources(entry);
+    renderActions(m.id, entry);
     setStatus(entry.el, m.status, m.error ? m.error.message : "");
     if (m.status === "streaming") setStreaming(m.id);
     return entry;
@@ -186,22 +191,163 @@
     streamingId = id;
     stopButton.hidden = !id;
     sendButton.hidden = !!id;
+    for (const [messageId, entry] of messages) renderActions(messageId, entry);
   }
 
-  function scrollDown() {
-    const nearBottom = list.scrollHeight - list.scrollTop - list.clientHeight < 120;
-    if (nearBottom) list.scrollTop = list.scrollHeight;
+  // --- following the reply: the view scrolls with it until the user scrolls up -------------------
+  let pinned = true;
+  list.addEventListener("scroll", () => {
+    pinned = list.scrollHeight - list.scrollTop - list.clientHeight < 80;
+    jumpButton.hidden = pinned;
+  });
+  function followIfPinned() {
+    if (pinned) list.scrollTop = list.scrollHeight;
+    else jumpButton.hidden = false;
   }
+  const scrollDown = followIfPinned;
+  jumpButton.addEventListener("click", () => {
+    pinned = true;
+    list.scrollTop = list.scrollHeight;
+    jumpButton.hidden = true;
+  });
+
+  // --- actions under a message ---------------------------------------------------------------------
+  // Small line icons (24 x 24 paths), drawn here: no icon font to load.
+  const ICONS = {
+    copy: "M9 9h11v11H9z M5 15H4V4h11v1",
+    regenerate: "M20 11a8 8 0 1 0-2.3 5.7 M20 4v7h-7",
+    good: "M7 11v9H4v-9z M7 11l4-7c1.5 0 2.5 1 2 3l-1 3h6c1 0 2 1 1.7 2.2l-1.6 6.3c-.3 1-1 1.5-2 1.5H7",
+    bad: "M7 13V4H4v9z M7 13l4 7c1.5 0 2.5-1 2-3l-1-3h6c1 0 2-1 1.7-2.2l-1.6-6.3c-.3-1-1-1.5-2-1.5H7",
+  };
+  function icon(name) {
+    const svg = document.createElementNS("http://www.w3.org/2000/svg", "svg");
+    svg.setAttribute("viewBox", "0 0 24 24");
+    svg.setAttribute("aria-hidden", "true");
+    const path = document.createElementNS("http://www.w3.org/2000/svg", "path");
+    path.setAttribute("d", ICONS[name]);
+    svg.append(path);
+    return svg;
+  }
+
+  function actionButton(label, text, onClick, pressed) {
+    const button = document.createElement("button");
+    button.type = "button";
+    if (ICONS[text]) button.append(icon(text));
+    else button.textContent = text;
+    button.setAttribute("aria-label", label);
+    button.title = label;
+    if (pressed !== undefined) button.setAttribute("aria-pressed", String(pressed));
+    button.addEventListener("click", onClick);
+    return button;
+  }
+
+  async function copy(text, button) {
+    try {
+      await navigator.clipboard.writeText(text);
+      const was = [...button.childNodes];
+      button.textContent = "Copied";
+      setTimeout(() => button.replaceChildren(...was), 1500);
+    } catch (error) {
+      toast("Copying needs clipboard access; select the text instead.");
+    }
+  }
+
+  // The replies to one user message (regenerated ones included), oldest first.
+  function variantsOf(userMessageId) {
+    return [...messages].filter(([, e]) => e.role === "assistant" && e.replyTo === userMessageId).map(([id]) => id);
+  }
+
+  function showVariant(userMessageId, index) {
+    const ids = variantsOf(userMessageId);
+    ids.forEach((id, i) => { messages.get(id).el.hidden = i !== index; });
+    ids.forEach((id) => renderActions(id, messages.get(id)));
+  }
+
+  function renderActions(id, entry) {
+    const box = entry.el.querySelector(".actions");
+    if (!box) return;
+    const buttons = [];
+    if (entry.status === "streaming" || entry.status === "sending") { box.replaceChildren(); return; }
+    buttons.push(actionButton(entry.role === "user" ? "Copy message" : "Copy reply", "copy", (e) => copy(entry.text, e.currentTarget)));
+    if (entry.role === "assistant") {
+      const ids = entry.replyTo ? variantsOf(entry.replyTo) : [id];
+      if (ids.length > 1) {
+        const index = ids.indexOf(id);
+        const previous = actionButton("Previous reply", "‹", () => showVariant(entry.replyTo, index - 1));
+        previous.disabled = index === 0;
+        const position = document.createElement("span");
+        position.className = "variant";
+        position.textContent = `${index + 1}/${ids.length}`;
+        const next = actionButton("Next reply", "›", () => showVariant(entry.replyTo, index + 1));
+        next.disabled = index === ids.length - 1;
+        buttons.push(previous, position, next);
+      }
+      // Only the last exchange is regenerated: a new reply to an older message would land below later ones.
+      const last = [...messages.values()].filter((e) => e.role === "assistant").pop();
+      if (last && last.replyTo === entry.replyTo) {
+        const regenerate = actionButton("Regenerate reply", "regenerate", () => send({type: "regenerate", message_id: id}));
+        regenerate.disabled = !!streamingId;
+        buttons.push(regenerate);
+      }
+      buttons.push(actionButton("Good reply", "good", () => rate(id, entry, 1), entry.feedback === 1));
+      buttons.push(actionButton("Bad reply", "bad", () => rate(id, entry, -1), entry.feedback === -1));
+    }
+    box.replaceChildren(...buttons);
+  }
+
+  // Thumbs up or down, then an optional comment; sending again replaces it.
+  async function rate(id, entry, rating, comment = "") {
+    const response = await fetch(`/feedback/${encodeURIComponent(id)}/`, {
+      method: "POST",
+      headers: {"Content-Type": "application/json", "X-CSRFToken": csrf},
+      body: JSON.stringify({rating, comment}),
+    });
+    if (!response.ok) {
+      toast("Your feedback could not be saved; try again.");
+      return;
+    }
+    entry.feedback = rating;
+    renderActions(id, entry);
+    if (comment) { toast("Thank you for the comment."); return; }
+    entry.el.querySelector(".feedback-form")?.remove();
+    const form = document.createElement("form");
+    form.className = "feedback-form";
+    const input = document.createElement("input");
+    input.placeholder = rating > 0 ? "What was good? (optional)" : "What went wrong? (optional)";
+    input.setAttribute("aria-label", "Feedback comment");
+    input.maxLength = 2000;
+    const submit = document.createElement("button");
+    submit.type = "submit";
+    submit.textContent = "Send";
+    form.append(input, submit);
+    form.addEventListener("submit", (event) => {
+      event.preventDefault();
+      form.remove();
+      if (input.value.trim()) rate(id, entry, rating, input.value.trim());
+    });
+    entry.el.append(form);
+    input.focus();
+  }
+
+  // Copy buttons of code blocks (rendered by render.js).
+  list.addEventListener("click", (event) => {
+    const button = event.target.closest(".copy-code");
+    if (button) copy(button.closest(".code-block").querySelector("code").textContent, button);
+  });
 
   function handle(frame) {
     switch (frame.type) {
       case "history": {
         if (frame.conversation_id !== conversationId) return;
         useDocuments.checked = frame.use_documents !== false;
+        document.getElementById("topbar-title").textContent = frame.title || "New chat";
         messages.clear();
         list.querySelectorAll(".message").forEach((el) => el.remove());
         setStreaming(null);
         frame.messages.forEach(addMessage);
+        // Of several replies to one message (regenerated), the newest shows; ‹ › reach the others.
+        new Set(frame.messages.filter((m) => m.reply_to).map((m) => m.reply_to))
+          .forEach((userId) => showVariant(userId, variantsOf(userId).length - 1));
         for (const p of pending.values()) list.append(p.el); // still unacknowledged: keep at the end
         welcome.hidden = frame.messages.length > 0 || pending.size > 0;
         list.scrollTop = list.scrollHeight;
@@ -216,19 +362,25 @@
         }
         if (p) {
           pending.delete(frame.client_id);
-          messages.set(frame.user_message_id, {role: "user", text: p.content, status: "complete", el: p.el});
+          const mine = {role: "user", text: p.content, status: "complete", el: p.el};
+          messages.set(frame.user_message_id, mine);
           setStatus(p.el, "complete");
+          renderActions(frame.user_message_id, mine);
         }
         if (!messages.has(frame.assistant_message_id)) {
-          addMessage({id: frame.assistant_message_id, role: "assistant", content: "", status: "streaming"});
+          addMessage({id: frame.assistant_message_id, role: "assistant", content: "", status: "streaming",
+                      reply_to: frame.user_message_id});
         }
         scrollDown();
         break;
       }
-      case "message":
-        addMessage(frame.message);
+      case "message": {
+        const m = frame.message;
+        addMessage(m);
+        if (m.role === "assistant" && m.reply_to) showVariant(m.reply_to, variantsOf(m.reply_to).length - 1);
         scrollDown();
         break;
+      }
       case "sources": {
         const entry = messages.get(frame.message_id) ||
           addMessage({id: frame.message_id, role: "assistant", content: "", status: "streaming"});
@@ -257,8 +409,10 @@
         const delta = [...frame.delta].slice(have - frame.offset).join(""); // drop any repeated part
         entry.text += delta;
         renderBody(entry);
-        setStatus(entry.el, "streaming");
-        setStreaming(frame.message_id);
+        if (entry.el.dataset.status !== "streaming" || entry.el.querySelector(".meta").textContent) {
+          setStatus(entry.el, "streaming");
+        }
+        if (streamingId !== frame.message_id) setStreaming(frame.message_id);
         scrollDown();
         break;
       }
@@ -267,6 +421,9 @@
         if (entry) {
           entry.status = frame.status;
           setStatus(entry.el, frame.status, frame.error ? frame.error.message : "");
+          renderBody(entry);
+          renderActions(frame.message_id, entry);
+          announce(frame.status === "complete" ? "Reply finished." : `Reply ${frame.status}.`);
         }
         if (streamingId === frame.message_id) setStreaming(null);
         break;
@@ -303,6 +460,19 @@
     nav.prepend(a);
   }
 
+  // Screen readers hear when a reply ends (the list itself announces new messages).
+  function announce(text) {
+    let region = document.getElementById("announcer");
+    if (!region) {
+      region = document.createElement("div");
+      region.id = "announcer";
+      region.className = "visually-hidden";
+      region.setAttribute("aria-live", "polite");
+      document.body.append(region);
+    }
+    region.textContent = text;
+  }
+
   function toast(text) {
     const el = document.createElement("div");
     el.className = "toast";
@@ -328,12 +498,43 @@
       document.getElementById("composer").requestSubmit();
     }
   });
+  document.addEventListener("keydown", (event) => {
+    if (event.key === "Escape" && streamingId && !passageDialog.open) stopButton.click();
+  });
   stopButton.addEventListener("click", () => {
     if (!streamingId) return;
     const id = streamingId;
     const entry = messages.get(id);
     if (entry) setStatus(entry.el, "streaming", "Stopping…");
     send({type: "stop", message_id: id});
+  });
+
+  // --- the drawer (narrow screens) and the theme -------------------------------------------------
+  const menu = document.getElementById("menu");
+  const sidebar = document.getElementById("sidebar");
+  const scrim = document.getElementById("scrim");
+  function drawer(open) {
+    sidebar.classList.toggle("open", open);
+    scrim.hidden = !open;
+    menu.setAttribute("aria-expanded", String(open));
+    if (open) sidebar.querySelector("a, button")?.focus();
+  }
+  menu.addEventListener("click", () => drawer(!sidebar.classList.contains("open")));
+  scrim.addEventListener("click", () => drawer(false));
+  sidebar.addEventListener("keydown", (event) => { if (event.key === "Escape") { drawer(false); menu.focus(); } });
+
+  const themeButton = document.getElementById("theme");
+  function applyTheme(theme) {
+    document.documentElement.dataset.theme = theme;
+    themeButton.setAttribute("aria-pressed", String(theme === "dark"));
+    document.getElementById("code-light").media = theme === "dark" ? "not all" : "all";
+    document.getElementById("code-dark").media = theme === "dark" ? "all" : "not all";
+  }
+  applyTheme(document.documentElement.dataset.theme);
+  themeButton.addEventListener("click", () => {
+    const theme = document.documentElement.dataset.theme === "dark" ? "light" : "dark";
+    localStorage.setItem("theme", theme);
+    applyTheme(theme);
   });
 
   connect();
