@@ -21,7 +21,6 @@ from chat.replies import control, events
 from chat.replies.control import ControlDispatcher
 from chat.replies.join import Join
 from chat.services import db
-from documents import progress
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -48,7 +47,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         self.checking: asyncio.Task | None = None
         await self.accept()
         # The user's documents report their ingestion progress here (documents/progress.py).
-        await self.channel_layer.group_add(progress.group_name(self.user.pk), self.channel_name)
+        await self.channel_layer.group_add(events.user_group(self.user.pk), self.channel_name)
         try:
             # Someone is about to chat: load the model / build the client now, not on their first message.
             get_provider().warm_up()
@@ -60,7 +59,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
             return  # never logged in
         # Leaving the group does not touch any running generation: it finishes and is saved.
         await self._unsubscribe()
-        await self.channel_layer.group_discard(progress.group_name(self.user.pk), self.channel_name)
+        await self.channel_layer.group_discard(events.user_group(self.user.pk), self.channel_name)
         self.join.close()
         if self.checking is not None:
             self.checking.cancel()

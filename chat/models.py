@@ -1,4 +1,6 @@
 from django.conf import settings
+from django.contrib.postgres.indexes import GinIndex
+from django.contrib.postgres.search import SearchVector
 from django.db import models
 from django.db.models import Q
 
@@ -14,7 +16,11 @@ class Conversation(models.Model):
 
     class Meta:
         ordering = ["-updated_at"]
-        indexes = [models.Index(fields=["owner", "-updated_at"], name="conversation_owner_recent")]
+        indexes = [
+            models.Index(fields=["owner", "-updated_at"], name="conversation_owner_recent"),
+            # The sidebar's search (chat/search.py): words, any language, prefix matches.
+            GinIndex(SearchVector("title", config="simple"), name="conversation_title_search"),
+        ]
 
     def __str__(self) -> str:
         return self.title or f"Conversation {self.pk}"
@@ -64,7 +70,10 @@ class Message(models.Model):
 
     class Meta:
         ordering = ["created_at", "id"]
-        indexes = [models.Index(fields=["conversation", "created_at", "id"], name="message_conversation_order")]
+        indexes = [
+            models.Index(fields=["conversation", "created_at", "id"], name="message_conversation_order"),
+            GinIndex(SearchVector("content", config="simple"), name="message_content_search"),
+        ]
         constraints = [
             models.UniqueConstraint(
                 fields=["conversation", "client_id"],

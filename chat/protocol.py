@@ -236,6 +236,16 @@ def history(conversation: Any, messages: list[dict[str, Any]]) -> dict[str, Any]
     }
 
 
+def conversation(conv: Any, deleted: bool = False) -> dict[str, Any]:
+    """A conversation renamed or deleted, to every socket of its owner (an addition to v1)."""
+    listed = {
+        "id": str(conv.pk),
+        "title": conv.title,
+        "updated_at": conv.updated_at.isoformat().replace("+00:00", "Z"),
+    }
+    return {"type": "conversation", "conversation": listed, "deleted": deleted}
+
+
 def document(doc: Any, stage: str = "", done: int = 0, total: int = 0) -> dict[str, Any]:
     """A document's state, pushed to its owner's sockets while it is ingested (an addition to v1).
 

@@ -1,5 +1,8 @@
 import json
+import logging
 
+from asgiref.sync import async_to_sync
+from channels.layers import get_channel_layer
 from django.conf import settings
 from django.contrib.auth import login
 from django.contrib.auth import views as auth_views
@@ -9,8 +12,9 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_http_methods, require_POST
 
-from chat import limits
+from chat import limits, protocol, search
 from chat.models import Conversation, Feedback, Message
+from chat.replies import events
 
 
 def model_note() -> str:
@@ -23,7 +27,8 @@ def model_note() -> str:
 
 
 def _chat_page(request: HttpRequest, current: Conversation | None) -> HttpResponse:
-    conversations = Conversation.objects.filter(owner=request.user).only("id", "title", "updated_at")[:200]
+    # The first page, for the first paint; the page's script then takes over the list (search, more pages).
+    conversations, _ = search.page(request.user)
     return render(
         request,
         "chat/chat.html",
@@ -92,6 +97,8 @@ def signup(request: HttpRequest) -> HttpResponse:
     return render(request, "registration/signup.html", {"form": form})
 
 
+logger = logging.getLogger(__name__)
+
 # A comment longer than this is refused, not cut.
 FEEDBACK_COMMENT_CHARS = 2000
 
@@ -115,3 +122,61 @@ def feedback(request: HttpRequest, message_id: int) -> JsonResponse:
         return JsonResponse({"error": f"Comments can be at most {FEEDBACK_COMMENT_CHARS} characters."}, status=400)
     Feedback.objects.update_or_create(message=reply, user=request.user, defaults={"rating": rating, "comment": comment})
     return JsonResponse({"message_id": str(reply.pk), "rating": rating, "comment": comment})
+
+
+def _listed(conversation: Conversation) -> dict:
+    return protocol.conversation(conversation)["conversation"]
+
+
+def _tell_tabs(conversation: Conversation, deleted: bool = False) -> None:
+    """Every open tab of the owner, on any process, shows the new title (or drops the conversation).
+    Best effort: the change is saved whether or not a tab hears of it."""
+    layer = get_channel_layer()
+    try:
+        async_to_sync(layer.group_send)(
+            events.user_group(conversation.owner_id), events.frames(protocol.conversation(conversation, deleted))
+        )
+    except Exception:  # noqa: BLE001
+        logger.warning("could not tell the tabs about conversation %s", conversation.pk, exc_info=True)
+
+
+@login_required
+def conversations(request: HttpRequest) -> JsonResponse:
+    """The sidebar's list: ``?q=`` searches titles and message text, ``?before=`` is the cursor
+    of the next page (``next`` in the answer; null on the last page)."""
+    try:
+        rows, following = search.page(request.user, request.GET.get("q", "")[:200], request.GET.get("before", ""))
+    except ValueError:
+        return JsonResponse({"error": "`before` must be a cursor from a previous page."}, status=400)
+    return JsonResponse({"conversations": [_listed(c) for c in rows], "next": following})
+
+
+@login_required
+@require_POST
+def rename(request: HttpRequest, conversation_id: int) -> JsonResponse:
+    conversation = get_object_or_404(Conversation, pk=conversation_id, owner=request.user)
+    try:
+        title = " ".join(str(json.loads(request.body)["title"]).split())
+    except (ValueError, KeyError, TypeError):
+        return JsonResponse({"error": 'Send {"title": "..."}.'}, status=400)
+    if not title:
+        return JsonResponse({"error": "A title cannot be empty."}, status=400)
+    max_length = Conversation._meta.get_field("title").max_length
+    if len(title) > max_length:
+        return JsonResponse({"error": f"Titles can be at most {max_length} characters."}, status=400)
+    # update(): renaming is not activity, so the conversation keeps its place in the list.
+    Conversation.objects.filter(pk=conversation.pk).update(title=title)
+    conversation.title = title
+    _tell_tabs(conversation)
+    return JsonResponse(_listed(conversation))
+
+
+@login_required
+@require_POST
+def delete(request: HttpRequest, conversation_id: int) -> JsonResponse:
+    conversation = get_object_or_404(Conversation, pk=conversation_id, owner=request.user)
+    # A reply still streaming there finds its row gone at its next write and stops (chat/replies/row.py).
+    conversation.delete()
+    conversation.pk = conversation_id  # delete() clears it
+    _tell_tabs(conversation, deleted=True)
+    return JsonResponse({"deleted": str(conversation_id)})

@@ -14,11 +14,6 @@ from documents.models import Document
 logger = logging.getLogger(__name__)
 
 
-def group_name(user_id: int) -> str:
-    """The group every socket of one user is in: their documents' progress goes there, and only there."""
-    return f"documents.user.{user_id}"
-
-
 def publish(document: Document, stage: str, done: int = 0, total: int = 0) -> None:
     """Tell the owner's sockets (synchronous: called from the ingestion flow's thread).
 
@@ -32,7 +27,7 @@ def publish(document: Document, stage: str, done: int = 0, total: int = 0) -> No
         return
     try:
         async_to_sync(layer.group_send)(
-            group_name(document.owner_id), events.frames(protocol.document(document, stage, done, total))
+            events.user_group(document.owner_id), events.frames(protocol.document(document, stage, done, total))
         )
     except Exception:  # noqa: BLE001
         logger.warning("could not send progress of document %s", document.pk, exc_info=True)

@@ -75,7 +75,7 @@ def test_log_in_chat_stream_reload_and_other_tab(site, browser):
     expect(reply).to_have_text(" ".join(f"t{i}" for i in range(30)) + " ")
     expect(page.locator("#stop")).to_be_hidden()
     expect(page).to_have_url(re.compile(r"/c/\d+/$"))
-    expect(page.locator("#conversation-list a.active")).to_contain_text("Hello from the browser")
+    expect(page.locator("#conversation-list .active a")).to_contain_text("Hello from the browser")
     page.screenshot(path=SCREENSHOTS / "chat.png")
 
     # Reload: the conversation comes back from the database.
@@ -289,3 +289,49 @@ def test_markdown_code_xss_actions_feedback_theme_and_drawer(site, browser):
         page.keyboard.press("Escape")
         expect(menu).to_have_attribute("aria-expanded", "false")
         phone.close()
+
+
+def test_sidebar_groups_searches_renames_and_deletes(site, browser):
+    port = site.ports[0]
+    context, page = logged_in(browser, port)
+    for text in ("Plan the garden party [tokens=3]", "Fix the bicycle brakes [tokens=3]"):
+        page.goto(f"http://127.0.0.1:{port}/")
+        page.fill("#input", text)
+        page.keyboard.press("Enter")
+        expect(page.locator(".message.assistant").last).to_have_attribute("data-status", "complete")
+    page.reload()
+    sidebar = page.locator("#conversation-list")
+    expect(sidebar.locator("h2.day").first).to_have_text("Today")
+    expect(sidebar.locator(".conversation a").first).to_have_text("Fix the bicycle brakes [tokens=3]")
+
+    # Search, on the server: titles and message text, by word prefix.
+    page.get_by_label("Search conversations").fill("gard")
+    expect(sidebar.locator(".conversation a")).to_have_text(["Plan the garden party [tokens=3]"])
+    page.get_by_label("Search conversations").fill("nothing like this")
+    expect(sidebar).to_contain_text("No conversation matches.")
+    page.get_by_label("Search conversations").fill("")
+    expect(sidebar.locator(".conversation a").first).to_have_text("Fix the bicycle brakes [tokens=3]")
+
+    # Rename in place (Enter saves), kept after a reload, and shown live in another tab.
+    other = context.new_page()
+    other.goto(page.url.replace(str(port), str(site.ports[1])))  # on the other server process
+    expect(other.locator("#connection-state")).to_have_text("Connected")
+    page.get_by_role("button", name="Rename Fix the bicycle brakes [tokens=3]").click()
+    page.get_by_label("New title").fill("Bicycle")
+    page.get_by_label("New title").press("Enter")
+    expect(sidebar.locator(".conversation a").first).to_have_text("Bicycle")
+    expect(page.locator("#topbar-title")).to_have_text("Bicycle")  # the open conversation
+    expect(other.locator("#conversation-list .conversation a").first).to_have_text("Bicycle")
+    expect(other.locator("#topbar-title")).to_have_text("Bicycle")
+    other.close()
+    page.screenshot(path=SCREENSHOTS / "sidebar.png")
+    page.reload()
+    expect(sidebar.locator(".conversation a").first).to_have_text("Bicycle")
+
+    # Delete, after a confirmation; deleting the open conversation goes to a new chat.
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.get_by_role("button", name="Delete Bicycle").click()
+    expect(page).to_have_url(f"http://127.0.0.1:{port}/")
+    expect(sidebar.locator(".conversation a", has_text="Bicycle")).to_have_count(0)
+    expect(sidebar.locator(".conversation a", has_text="garden")).to_have_count(1)
+    context.close()

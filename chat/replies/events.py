@@ -24,6 +24,12 @@ def group_name(conversation_id: int | str) -> str:
     return f"chat.conversation.{conversation_id}"
 
 
+def user_group(user_id: int | str) -> str:
+    """The group every socket of one user is in, whatever conversation it shows, on any process:
+    their documents' progress and their conversations' new titles go there, and only there."""
+    return f"chat.user.{user_id}"
+
+
 def frames(*items: dict[str, Any], exclude: str | None = None) -> dict[str, Any]:
     """Protocol frames for every socket of a group, in order, except the socket ``exclude``."""
     return {"type": FRAMES, "frames": list(items), "exclude": exclude}

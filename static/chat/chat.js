@@ -439,6 +439,20 @@
         }
         break;
       }
+      case "conversation": {
+        // Renamed or deleted in another tab (or this one): the list and the title follow.
+        const c = frame.conversation;
+        listChanged++;
+        if (frame.deleted) {
+          listed = listed.filter((x) => x.id !== c.id);
+          if (c.id === conversationId) { location.href = "/"; return; }
+        } else {
+          listed = listed.map((x) => (x.id === c.id ? {...x, title: c.title} : x));
+          if (c.id === conversationId) document.getElementById("topbar-title").textContent = c.title;
+        }
+        renderSidebar();
+        break;
+      }
       case "document": {
         // An upload finished ingesting while the user chats (documents page: /documents/).
         if (frame.stage === "ready") toast(`“${frame.document.title}” is ready: answers can use it now.`);
@@ -448,16 +462,154 @@
     }
   }
 
-  function addToSidebar(id, title) {
-    const nav = document.getElementById("conversation-list");
-    document.getElementById("no-conversations")?.remove();
-    nav.querySelectorAll("a.active").forEach((a) => a.classList.remove("active"));
+  // --- the sidebar: newest first, grouped by day, searched and paged on the server --------------
+  const nav = document.getElementById("conversation-list");
+  const searchBox = document.getElementById("conversation-search");
+  const moreButton = document.getElementById("more-conversations");
+  let listed = []; // {id, title, updated_at}
+  let nextCursor = null;
+  let listChanged = 0; // bumped by changes made here while a page of the list may be on its way
+
+  function dayGroup(iso) {
+    const day = new Date(iso);
+    const today = new Date();
+    today.setHours(0, 0, 0, 0);
+    const days = (today - new Date(day.getFullYear(), day.getMonth(), day.getDate())) / 86400000;
+    if (days <= 0) return "Today";
+    if (days <= 1) return "Yesterday";
+    if (days <= 7) return "Previous 7 days";
+    return "Older";
+  }
+
+  function renderSidebar() {
+    const items = [];
+    let group = null;
+    for (const c of listed) {
+      const label = dayGroup(c.updated_at);
+      if (label !== group) {
+        group = label;
+        const heading = document.createElement("h2");
+        heading.className = "day";
+        heading.textContent = label;
+        items.push(heading);
+      }
+      items.push(sidebarItem(c));
+    }
+    if (!listed.length) {
+      const empty = document.createElement("p");
+      empty.className = "empty";
+      empty.id = "no-conversations";
+      empty.textContent = searchBox.value.trim() ? "No conversation matches." : "No conversations yet.";
+      items.push(empty);
+    }
+    nav.replaceChildren(...items);
+    moreButton.hidden = !nextCursor;
+  }
+
+  function sidebarItem(c) {
+    const row = document.createElement("div");
+    row.className = "conversation" + (c.id === conversationId ? " active" : "");
+    row.dataset.id = c.id;
     const a = document.createElement("a");
-    a.href = `/c/${id}/`;
-    a.dataset.id = id;
-    a.className = "active";
-    a.textContent = title.slice(0, 80);
-    nav.prepend(a);
+    a.href = `/c/${c.id}/`;
+    a.textContent = c.title || "Untitled";
+    if (c.id === conversationId) a.setAttribute("aria-current", "page");
+    const rename = document.createElement("button");
+    rename.type = "button";
+    rename.className = "link row-action";
+    rename.textContent = "✎";
+    rename.setAttribute("aria-label", `Rename ${c.title || "Untitled"}`);
+    rename.addEventListener("click", () => startRename(c, row));
+    const remove = document.createElement("button");
+    remove.type = "button";
+    remove.className = "link row-action";
+    remove.textContent = "✕";
+    remove.setAttribute("aria-label", `Delete ${c.title || "Untitled"}`);
+    remove.addEventListener("click", () => removeConversation(c));
+    row.append(a, rename, remove);
+    return row;
+  }
+
+  async function post(url, body) {
+    const response = await fetch(url, {
+      method: "POST",
+      headers: {"Content-Type": "application/json", "X-CSRFToken": csrf},
+      body: JSON.stringify(body || {}),
+    });
+    const data = await response.json().catch(() => ({}));
+    if (!response.ok) throw new Error(data.error || "The server refused; try again.");
+    return data;
+  }
+
+  function startRename(c, row) {
+    const input = document.createElement("input");
+    input.className = "rename";
+    input.value = c.title;
+    input.maxLength = 200;
+    input.setAttribute("aria-label", "New title");
+    row.replaceChildren(input);
+    input.focus();
+    input.select();
+    let done = false;
+    const finish = async (save) => {
+      if (done) return;
+      done = true;
+      if (save && input.value.trim() && input.value.trim() !== c.title) {
+        try {
+          const saved = await post(`/conversations/${c.id}/rename/`, {title: input.value});
+          c.title = saved.title;
+          if (c.id === conversationId) document.getElementById("topbar-title").textContent = saved.title;
+        } catch (error) { toast(error.message); }
+      }
+      renderSidebar();
+    };
+    input.addEventListener("keydown", (event) => {
+      if (event.key === "Enter") { event.preventDefault(); finish(true); }
+      if (event.key === "Escape") { event.preventDefault(); finish(false); }
+    });
+    input.addEventListener("blur", () => finish(true));
+  }
+
+  async function removeConversation(c) {
+    if (!confirm(`Delete “${c.title || "Untitled"}” and all its messages? This cannot be undone.`)) return;
+    try {
+      await post(`/conversations/${c.id}/delete/`);
+    } catch (error) { toast(error.message); return; }
+    listed = listed.filter((x) => x.id !== c.id);
+    renderSidebar();
+    if (c.id === conversationId) location.href = "/";
+  }
+
+  async function loadConversations(more) {
+    const changed = listChanged;
+    const params = new URLSearchParams();
+    if (searchBox.value.trim()) params.set("q", searchBox.value.trim());
+    if (more && nextCursor) params.set("before", nextCursor);
+    const response = await fetch(`/conversations/?${params}`, {headers: {Accept: "application/json"}});
+    if (!response.ok) return;
+    const data = await response.json();
+    // A conversation started (or renamed) while this page was on its way: ask again, it is in the new one.
+    if (!more && changed !== listChanged) { loadConversations(false); return; }
+    listed = more ? listed.concat(data.conversations) : data.conversations;
+    nextCursor = data.next;
+    renderSidebar();
+  }
+
+  let searchTimer = null;
+  searchBox.addEventListener("input", () => {
+    clearTimeout(searchTimer);
+    searchTimer = setTimeout(() => loadConversations(false), 250);
+  });
+  moreButton.addEventListener("click", () => loadConversations(true));
+  // Near the end of the list: the next page.
+  nav.addEventListener("scroll", () => {
+    if (nextCursor && nav.scrollTop + nav.clientHeight > nav.scrollHeight - 40) loadConversations(true);
+  });
+
+  function addToSidebar(id, title) {
+    listChanged++;
+    listed = [{id, title: title.slice(0, 80), updated_at: new Date().toISOString()}, ...listed.filter((c) => c.id !== id)];
+    renderSidebar();
   }
 
   // Screen readers hear when a reply ends (the list itself announces new messages).
@@ -537,5 +689,6 @@
     applyTheme(theme);
   });
 
+  loadConversations(false);
   connect();
 })();
