@@ -1,5 +1,5 @@
 """The sidebar with 10,000 conversations: the first page, a later page, and search, timed through
-the same function the page's requests use (chat/search.py), against a baseline in the same run:
+the same function the page's requests use (chat/sidebar.py), against a baseline in the same run:
 the same search done with ILIKE on the same rows (what it costs without the indexes).
 
     .venv/bin/python bench/sidebar.py
@@ -78,7 +78,7 @@ def main() -> int:
     from django.core.management import call_command
     from django.db.models import Q
 
-    from chat import search
+    from chat import sidebar
     from chat.models import Conversation, Message
 
     call_command("migrate", verbosity=0)
@@ -99,20 +99,20 @@ def main() -> int:
         return list(
             Conversation.objects.filter(owner=user)
             .filter(title | Q(pk__in=ids))
-            .order_by("-updated_at", "-pk")[: search.PAGE_SIZE]
+            .order_by("-updated_at", "-pk")[: sidebar.PAGE_SIZE]
         )
 
-    first, following = search.page(user)
+    first, following = sidebar.page(user)
     print("\n| request | p50 | p95 | baseline (ILIKE) p50 | results |")
     print("|---|---|---|---|---|")
-    p50, p95 = timed(lambda: search.page(user))
+    p50, p95 = timed(lambda: sidebar.page(user))
     print(f"| first page (50) | {p50:.1f} ms | {p95:.1f} ms | - | {len(first)} |")
-    p50, p95 = timed(lambda: search.page(user, before=following))
-    print(f"| second page | {p50:.1f} ms | {p95:.1f} ms | - | {len(search.page(user, before=following)[0])} |")
+    p50, p95 = timed(lambda: sidebar.page(user, before=following))
+    print(f"| second page | {p50:.1f} ms | {p95:.1f} ms | - | {len(sidebar.page(user, before=following)[0])} |")
     for q in QUERIES:
-        p50, p95 = timed(lambda q=q: search.page(user, q))
+        p50, p95 = timed(lambda q=q: sidebar.page(user, q))
         base, _ = timed(lambda q=q: ilike(q), repeats=5)
-        found = len(search.page(user, q)[0])
+        found = len(sidebar.page(user, q)[0])
         print(f"| search `{q}` | {p50:.1f} ms | {p95:.1f} ms | {base:.0f} ms ({base / p50:.0f}x) | {found} |")
     return 0
 

@@ -18,7 +18,7 @@ class Conversation(models.Model):
         ordering = ["-updated_at"]
         indexes = [
             models.Index(fields=["owner", "-updated_at"], name="conversation_owner_recent"),
-            # The sidebar's search (chat/search.py): words, any language, prefix matches.
+            # The sidebar's search (chat/sidebar.py): words, any language, prefix matches.
             GinIndex(SearchVector("title", config="simple"), name="conversation_title_search"),
         ]
 

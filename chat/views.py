@@ -12,7 +12,7 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_http_methods, require_POST
 
-from chat import limits, protocol, search
+from chat import limits, protocol, sidebar
 from chat.models import Conversation, Feedback, Message
 from chat.replies import events
 
@@ -28,7 +28,7 @@ def model_note() -> str:
 
 def _chat_page(request: HttpRequest, current: Conversation | None) -> HttpResponse:
     # The first page, for the first paint; the page's script then takes over the list (search, more pages).
-    conversations, _ = search.page(request.user)
+    conversations, _ = sidebar.page(request.user)
     return render(
         request,
         "chat/chat.html",
@@ -145,7 +145,7 @@ def conversations(request: HttpRequest) -> JsonResponse:
     """The sidebar's list: ``?q=`` searches titles and message text, ``?before=`` is the cursor
     of the next page (``next`` in the answer; null on the last page)."""
     try:
-        rows, following = search.page(request.user, request.GET.get("q", "")[:200], request.GET.get("before", ""))
+        rows, following = sidebar.page(request.user, request.GET.get("q", "")[:200], request.GET.get("before", ""))
     except ValueError:
         return JsonResponse({"error": "`before` must be a cursor from a previous page."}, status=400)
     return JsonResponse({"conversations": [_listed(c) for c in rows], "next": following})

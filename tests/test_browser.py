@@ -46,6 +46,7 @@ def logged_in(browser, port: int, then: str = "/"):
     page.fill("#id_username", USERNAME)
     page.fill("#id_password", PASSWORD)
     page.click("button[type=submit]")
+    page.wait_for_load_state()  # the page's scripts run: keys typed before would not reach them
     return context, page
 
 
@@ -60,6 +61,7 @@ def test_log_in_chat_stream_reload_and_other_tab(site, browser):
     page.fill("#id_username", USERNAME)
     page.fill("#id_password", PASSWORD)
     page.click("button[type=submit]")
+    page.wait_for_load_state()  # the page's scripts run: keys typed before would not reach them
     expect(page.locator("#welcome")).to_be_visible()
     expect(page.locator(".model-note")).to_contain_text("test-model")
     page.screenshot(path=SCREENSHOTS / "welcome.png")
@@ -229,6 +231,18 @@ def test_markdown_code_xss_actions_feedback_theme_and_drawer(site, browser):
     shown.get_by_role("button", name="Next reply").click()
     expect(shown.locator(".variant")).to_have_text("2/2")
 
+    # A reply that fails says why on the message and offers a retry (the provider fails again here).
+    page.fill("#input", "This will fail [status=500]")
+    page.keyboard.press("Enter")
+    failed = page.locator(".message.assistant:not([hidden])").last
+    expect(failed).to_have_attribute("data-status", "error")
+    expect(failed.locator(".meta")).not_to_be_empty()
+    failed.get_by_role("button", name="Retry reply").click()
+    retried = page.locator(".message.assistant:not([hidden])").last
+    expect(retried.locator(".variant")).to_have_text("2/2")
+    expect(retried).to_have_attribute("data-status", "error")
+    page.screenshot(path=SCREENSHOTS / "retry.png")
+
     # Feedback with a comment, then seen in admin.
     first = page.locator(".message.assistant").first
     first.get_by_role("button", name="Good reply").click()
@@ -273,6 +287,7 @@ def test_markdown_code_xss_actions_feedback_theme_and_drawer(site, browser):
         page.fill("#id_username", USERNAME)
         page.fill("#id_password", PASSWORD)
         page.click("button[type=submit]")
+        page.wait_for_load_state()
         page.goto(f"http://127.0.0.1:{port}" + page.locator("#conversation-list a").first.get_attribute("href"))
         expect(page.locator(".message.assistant").first.locator("h3")).to_be_visible()
         expect(page.locator("html")).to_have_attribute("data-theme", theme)  # the system's, with no choice made

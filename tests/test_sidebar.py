@@ -6,7 +6,7 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
-from chat import search
+from chat import sidebar
 from chat.models import Conversation, Message
 
 pytestmark = pytest.mark.django_db
@@ -25,7 +25,7 @@ def titles(response):
 
 
 def test_the_list_is_newest_first_paged_without_repeats_and_private(client, alice, bob, monkeypatch):
-    monkeypatch.setattr(search, "PAGE_SIZE", 2)
+    monkeypatch.setattr(sidebar, "PAGE_SIZE", 2)
     for i in range(5):
         conversation(alice, f"alice {i}", minutes_ago=i)
     conversation(bob, "bob's")

@@ -285,7 +285,12 @@
       // Only the last exchange is regenerated: a new reply to an older message would land below later ones.
       const last = [...messages.values()].filter((e) => e.role === "assistant").pop();
       if (last && last.replyTo === entry.replyTo) {
-        const regenerate = actionButton("Regenerate reply", "regenerate", () => send({type: "regenerate", message_id: id}));
+        const failed = ["error", "interrupted", "stopped"].includes(entry.status);
+        // A reply that failed or was cut off offers a plain "Retry" (the same request again).
+        const regenerate = failed
+          ? actionButton("Retry reply", "Retry", () => send({type: "regenerate", message_id: id}))
+          : actionButton("Regenerate reply", "regenerate", () => send({type: "regenerate", message_id: id}));
+        if (failed) regenerate.className = "retry";
         regenerate.disabled = !!streamingId;
         buttons.push(regenerate);
       }
@@ -359,6 +364,8 @@
           conversationId = frame.conversation_id;
           history.pushState({}, "", `/c/${conversationId}/`);
           addToSidebar(conversationId, p ? p.content : "New chat");
+          // The server titles a new conversation with its first message (cut to 80 characters).
+          document.getElementById("topbar-title").textContent = listed[0].title;
         }
         if (p) {
           pending.delete(frame.client_id);
