@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.ingest import fetch_docs  # noqa: E402
+from bench.load import pct  # noqa: E402
 
 QUESTIONS = ROOT / "bench" / "questions" / "sqlalchemy.jsonl"
 KS = (1, 5, 10)
@@ -254,7 +255,7 @@ def latency(questions: list[dict]) -> None:
         )
 
         def p(values: list[float], q: float) -> str:
-            return f"{sorted(values)[min(len(values) - 1, int(q * len(values)))] * 1000:.1f}"
+            return f"{pct(values, q * 100) * 1000:.1f}"
 
         cells = [
             f"{name}: {where.chunks} chunks ({where.chunks / total:.0%})",

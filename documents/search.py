@@ -10,6 +10,7 @@ figures are in docs/performance.md.
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from dataclasses import dataclass, field
@@ -19,8 +20,11 @@ import numpy as np
 from django.conf import settings
 from django.db import connection, transaction
 
+from chat.llm.base import ProviderError
 from documents.embedding import get_embedder
 from documents.models import Document
+
+logger = logging.getLogger(__name__)
 
 MODES = ("hybrid", "vector", "fulltext")
 
@@ -137,16 +141,6 @@ def _vector_literal(vector: np.ndarray) -> str:
     return "[" + ",".join(f"{x:.6f}" for x in vector.tolist()) + "]"
 
 
-# The question's lexemes, OR-ed: websearch_to_tsquery ANDs every word, and a natural question
-# almost never has all its words in one chunk (DESIGN.md §6). Rows are ranked by ts_rank_cd
-# against all of them (more of them, closer together, ranks higher), but *matched* only by the
-# rarest ones: taken rarest first while the rows they are expected to match among the user's
-# chunks stay within RETRIEVAL_TEXT_MATCH_ROWS (always at least one). So the work stays bounded
-# however large the table and however common the question's words, and common words, which
-# BM25's idf would weigh near zero anyway, still count in the ranking. Measured faster and
-# better than matching by all of them (docs/performance.md).
-
-
 @dataclass(frozen=True)
 class TableStatistics:
     """What ANALYZE knows about the chunks: how many, and the most common lexemes' frequencies."""
@@ -187,6 +181,14 @@ def _tsquery(lexemes: list[str]) -> str:
     return " | ".join(quoted)
 
 
+# The question's lexemes, OR-ed: websearch_to_tsquery ANDs every word, and a natural question
+# almost never has all its words in one chunk (DESIGN.md §6). Rows are ranked by ts_rank_cd
+# against all of them (more of them, closer together, ranks higher), but *matched* only by the
+# rarest ones: taken rarest first while the rows they are expected to match among the user's
+# chunks stay within RETRIEVAL_TEXT_MATCH_ROWS (always at least one). So the work stays bounded
+# however large the table and however common the question's words, and common words, which
+# BM25's idf would weigh near zero anyway, still count in the ranking. Measured faster and
+# better than matching by all of them (docs/performance.md).
 def text_queries(query: str, visible: int, stats: TableStatistics) -> tuple[str, str] | None:
     """(matched by, ranked by) tsquery texts for ``query``, or None if it has no lexeme."""
     with connection.cursor() as cursor:
@@ -257,6 +259,8 @@ def retrieve(
     (RRF_K + rank), summed over the lists a chunk is in). ``explain``: the statement's plan
     (EXPLAIN ANALYZE), not its rows.
     """
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; one of {MODES}")
     if not where:
         return []
     candidates = candidates or settings.RETRIEVAL_CANDIDATES
@@ -269,8 +273,6 @@ def retrieve(
     if texts:
         ctes.append(TEXT_CTE)
         parts.append("SELECT id, %(wt)s / (%(k)s + rank) AS score FROM text_hits")
-    if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}; one of {MODES}")
     if not parts:
         return []  # full text only, and the query has no word to search
     sql = f"""
@@ -360,8 +362,15 @@ class Query:
         return cls(mode="hybrid", rewrite=settings.RETRIEVAL_REWRITE, rerank=settings.RETRIEVAL_RERANK)
 
 
-def search_text(question: str, history: list[dict[str, str]], rewrite: str) -> str:
-    """The search query for ``question`` (the "llm" rewrite needs a provider: see ``chat/flows``)."""
+async def search_query(question: str, history: list[dict[str, str]], rewrite: str, provider: Any = None) -> str:
+    """The search query for ``question`` by the ``rewrite`` named (REWRITES); "llm" asks
+    ``provider``, and falls back to "recent" if the provider fails."""
+    if rewrite == "llm":
+        try:
+            return await rewrite_llm(provider, question, history)
+        except ProviderError as exc:
+            logger.warning("query rewrite failed (%s): the recent turns are used instead", exc.code)
+            return rewrite_recent(question, history)
     if rewrite == "recent":
         return rewrite_recent(question, history)
     return question

@@ -38,9 +38,10 @@ def browser():
         browser.close()
 
 
-def logged_in(browser, port: int, then: str = "/"):
-    """A new browser context logged in through the form, on ``then``."""
-    context = browser.new_context(viewport={"width": 1100, "height": 700})
+def logged_in(browser, port: int, then: str = "/", **options):
+    """A new browser context (``options``: Playwright's, a desktop window by default) logged in
+    through the form, on ``then``."""
+    context = browser.new_context(**{"viewport": {"width": 1100, "height": 700}, **options})
     page = context.new_page()
     page.goto(f"http://127.0.0.1:{port}/accounts/login/?next={then}")
     page.fill("#id_username", USERNAME)
@@ -281,13 +282,7 @@ def test_markdown_code_xss_actions_feedback_theme_and_drawer(site, browser):
 
     # At 375 px: no sideways scroll, and the sidebar is a drawer behind a visible button.
     for theme in ("light", "dark"):
-        phone = browser.new_context(viewport={"width": 375, "height": 740}, color_scheme=theme)
-        page = phone.new_page()
-        page.goto(f"http://127.0.0.1:{port}/accounts/login/")
-        page.fill("#id_username", USERNAME)
-        page.fill("#id_password", PASSWORD)
-        page.click("button[type=submit]")
-        page.wait_for_load_state()
+        phone, page = logged_in(browser, port, viewport={"width": 375, "height": 740}, color_scheme=theme)
         page.goto(f"http://127.0.0.1:{port}" + page.locator("#conversation-list a").first.get_attribute("href"))
         expect(page.locator(".message.assistant").first.locator("h3")).to_be_visible()
         expect(page.locator("html")).to_have_attribute("data-theme", theme)  # the system's, with no choice made

@@ -129,13 +129,7 @@ class RewriteQuery(AsyncNode):
 
     async def exec_async(self, prep_res: tuple) -> str:
         provider, question, history = prep_res
-        if settings.RETRIEVAL_REWRITE == "llm":
-            try:
-                return await search.rewrite_llm(provider, question, history)
-            except ProviderError as exc:
-                logger.warning("query rewrite failed (%s): the recent turns are used instead", exc.code)
-                return search.rewrite_recent(question, history)
-        return search.search_text(question, history, settings.RETRIEVAL_REWRITE)
+        return await search.search_query(question, history, settings.RETRIEVAL_REWRITE, provider)
 
     async def post_async(self, shared: dict[str, Any], prep_res: Any, query: str) -> None:
         shared["query"] = query

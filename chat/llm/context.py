@@ -76,7 +76,6 @@ class Source:
     n: int
     document_id: int
     title: str
-    source: str
     chunk_id: int
     heading: str
     page: int | None
@@ -153,19 +152,23 @@ def select_sources(provider: Provider, hits: list[Any], budget: int, most: int) 
             continue  # the same passage in another document (a file both shared and uploaded)
         for i, source in enumerate(sources):
             merged = _merged(source, hit)
-            if merged is not None and sum(costs) - costs[i] + cost(merged) <= budget:
-                sources[i], costs[i] = merged, cost(merged)
+            if merged is None:
+                continue
+            merged_cost = cost(merged)
+            if sum(costs) - costs[i] + merged_cost <= budget:
+                sources[i], costs[i] = merged, merged_cost
                 break
         else:
             if len(sources) >= most:
                 continue
             new = Source(
-                len(sources) + 1, hit.document_id, hit.title, hit.source, hit.chunk_id, hit.heading, hit.page,
+                len(sources) + 1, hit.document_id, hit.title, hit.chunk_id, hit.heading, hit.page,
                 hit.text, hit.char_start, hit.char_end, hit.ordinal, hit.ordinal,
             )  # fmt: skip
-            if sum(costs) + cost(new) > budget:
+            new_cost = cost(new)
+            if sum(costs) + new_cost > budget:
                 continue  # a shorter passage further down may still fit
             sources.append(new)
-            costs.append(cost(new))
+            costs.append(new_cost)
         seen.add(key)
     return sources

@@ -204,7 +204,6 @@
     if (pinned) list.scrollTop = list.scrollHeight;
     else jumpButton.hidden = false;
   }
-  const scrollDown = followIfPinned;
   jumpButton.addEventListener("click", () => {
     pinned = true;
     list.scrollTop = list.scrollHeight;
@@ -378,14 +377,14 @@
           addMessage({id: frame.assistant_message_id, role: "assistant", content: "", status: "streaming",
                       reply_to: frame.user_message_id});
         }
-        scrollDown();
+        followIfPinned();
         break;
       }
       case "message": {
         const m = frame.message;
         addMessage(m);
         if (m.role === "assistant" && m.reply_to) showVariant(m.reply_to, variantsOf(m.reply_to).length - 1);
-        scrollDown();
+        followIfPinned();
         break;
       }
       case "sources": {
@@ -420,7 +419,7 @@
           setStatus(entry.el, "streaming");
         }
         if (streamingId !== frame.message_id) setStreaming(frame.message_id);
-        scrollDown();
+        followIfPinned();
         break;
       }
       case "done": {
@@ -648,7 +647,7 @@
     const clientId = uuid();
     pending.set(clientId, {content, useDocuments: useDocuments.checked, el: bubble("user", content, "sending")});
     input.value = "";
-    scrollDown();
+    followIfPinned();
     send({type: "send", conversation_id: conversationId, client_id: clientId, content, use_documents: useDocuments.checked});
   });
   input.addEventListener("keydown", (event) => {

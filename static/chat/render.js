@@ -3,9 +3,8 @@
 // the reply's sources turned into a link. Libraries: static/vendor/ (README there).
 window.ChatRender = (() => {
   "use strict";
-  const escape = (s) => s.replace(/[&<>"']/g, (c) => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;"})[c]);
-
   const md = window.markdownit({html: false, linkify: true, breaks: false});
+  const escape = md.utils.escapeHtml;
   // Fenced code: a header with the language and a copy button above the highlighted code.
   md.renderer.rules.fence = (tokens, index) => {
     const token = tokens[index];

@@ -73,12 +73,12 @@ class Command(BaseCommand):
     def ranked(
         self, where: search.Scope, question: str, history: list[dict[str, str]], how: search.Query, k: int
     ) -> list[dict[str, Any]]:
+        provider = None
         if how.rewrite == "llm":
             from chat.llm import get_provider
 
-            query = asyncio.run(search.rewrite_llm(get_provider(), question, history))
-        else:
-            query = search.search_text(question, history, how.rewrite)
+            provider = get_provider()
+        query = asyncio.run(search.search_query(question, history, how.rewrite, provider))
         hits = search.pipeline(where, query, how, k)
         return [
             {
