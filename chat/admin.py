@@ -37,7 +37,17 @@ class MessageInline(admin.TabularInline):
     fk_name = "conversation"
     extra = 0
     can_delete = False
-    fields = ("created_at", "role", "status", "content", cited_sources, *USAGE_FIELDS, "error_code", "error_detail")
+    fields = (
+        "created_at",
+        "role",
+        "status",
+        "replaced_at",
+        "content",
+        cited_sources,
+        *USAGE_FIELDS,
+        "error_code",
+        "error_detail",
+    )
     readonly_fields = fields
     ordering = ("created_at", "id")
 
@@ -77,7 +87,14 @@ class ConversationAdmin(admin.ModelAdmin):
 @admin.register(Message)
 class MessageAdmin(admin.ModelAdmin):
     list_display = ("id", "conversation", "role", "status", "short_content", *USAGE_FIELDS, "created_at")
-    list_filter = ("status", "role", "conversation__owner", "created_at", "model")
+    list_filter = (
+        "status",
+        "role",
+        ("replaced_at", admin.EmptyFieldListFilter),
+        "conversation__owner",
+        "created_at",
+        "model",
+    )
     search_fields = ("content", "conversation__title")
     date_hierarchy = "created_at"
     list_select_related = ("conversation",)

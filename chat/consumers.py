@@ -208,6 +208,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
             frame.use_documents,
             self._model_name(),
             control_address,
+            frame.replaces,
         )
         ack = protocol.ack(frame.client_id, turn.conversation.pk, turn.user_message.pk, turn.reply.pk)
         if turn.replayed:
@@ -215,14 +216,11 @@ class ChatConsumer(AsyncWebsocketConsumer):
             await self.send_frame(ack)
             await self._resume(turn.reply)
             return
-        # The other sockets learn of both new messages before the first chunk.
-        await self._answer(
-            turn,
-            ack,
-            events.frames(
-                protocol.message_frame(turn.user_message), protocol.message_frame(turn.reply), exclude=self.channel_name
-            ),
-        )
+        # The other sockets learn of both new messages (after an edit, of what it replaced) before the first chunk.
+        announce = [protocol.message_frame(turn.user_message), protocol.message_frame(turn.reply)]
+        if turn.replaced is not None:
+            announce.insert(0, protocol.replaced(turn.conversation.pk, turn.replaced))
+        await self._answer(turn, ack, events.frames(*announce, exclude=self.channel_name))
 
     async def _answer(self, turn: services.Turn, ack: dict[str, Any] | None, announce: dict[str, Any]) -> None:
         """Start the reply, then subscribe, acknowledge and announce while the model request is on its way.

@@ -64,6 +64,10 @@ class Message(models.Model):
     # Set by `stop`; the generation also sees it at its next flush, even if the channel message is lost.
     stop_requested = models.BooleanField(default=False)
 
+    # Set when an edit of this or an earlier user message took it out of the conversation: hidden
+    # from the user, the model and search, and kept for admins (with its feedback).
+    replaced_at = models.DateTimeField(null=True, blank=True)
+
     created_at = models.DateTimeField(auto_now_add=True)
     # Touched by every flush while streaming: an old value means the generating process died.
     updated_at = models.DateTimeField(auto_now=True)

@@ -59,6 +59,8 @@ class Send:
     content: str
     # Switches the conversation's documents on or off from this turn; None leaves it as it is.
     use_documents: bool | None = None
+    # An edit: this user message and every later message leave the conversation, replaced by this one.
+    replaces: str | None = None
 
 
 @dataclass(frozen=True)
@@ -139,7 +141,11 @@ def parse(text: str | None, size: int) -> ClientFrame:
         use_documents = frame.get("use_documents")
         if use_documents is not None and not isinstance(use_documents, bool):
             raise ProtocolError(BAD_REQUEST, "`use_documents` must be true, false or absent.", client_id)
-        return Send(_id(frame, "conversation_id", nullable=True), client_id, content, use_documents)
+        conversation_id = _id(frame, "conversation_id", nullable=True)
+        replaces = _id(frame, "replaces", nullable=True) if "replaces" in frame else None
+        if replaces is not None and conversation_id is None:
+            raise ProtocolError(BAD_REQUEST, "An edit (`replaces`) needs its `conversation_id`.", client_id)
+        return Send(conversation_id, client_id, content, use_documents, replaces)
     if kind == "stop":
         return Stop(_id(frame, "message_id"))
     if kind == "regenerate":
@@ -224,6 +230,11 @@ def message(msg: Any) -> dict[str, Any]:
 def message_frame(msg: Any) -> dict[str, Any]:
     """Tells the other sockets of a conversation about a new message (user message, or a reply just begun)."""
     return {"type": "message", "message": message(msg)}
+
+
+def replaced(conversation_id: int, message_id: int) -> dict[str, Any]:
+    """Tells the other sockets of a conversation that an edit took out this message and every later one."""
+    return {"type": "replaced", "conversation_id": str(conversation_id), "message_id": str(message_id)}
 
 
 def history(conversation: Any, messages: list[dict[str, Any]]) -> dict[str, Any]:

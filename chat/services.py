@@ -15,11 +15,10 @@ from django.db import IntegrityError, connection, transaction
 from django.db.models import OuterRef, Subquery
 from django.utils import timezone
 
-from chat import limits, protocol
+from chat import limits, protocol, titles
 from chat.models import Conversation, Feedback, Message
 from chat.protocol import ProtocolError
 
-TITLE_CHARS = 80
 # The first key of this project's advisory locks on a send's client_id (the second is the client_id's hash).
 SEND_LOCK = 0x43484154  # "CHAT"
 
@@ -43,6 +42,8 @@ class Turn:
     #: True when the send repeated a known client_id: nothing new was created.
     replayed: bool = False
     created_conversation: bool = False
+    #: An edit: the first message it took out of the conversation (it and every later one).
+    replaced: int | None = None
 
 
 def _pk(value: str) -> int:
@@ -117,12 +118,8 @@ def open_conversation(user, conversation_id: str) -> tuple[Conversation, list[Me
     recover_stale(conversation.pk)
     # With the user's own rating of each reply (thumbs up or down), in the same query.
     rating = Feedback.objects.filter(message=OuterRef("pk"), user=user).values("rating")[:1]
-    return conversation, list(conversation.messages.annotate(my_rating=Subquery(rating)))
-
-
-def _title(content: str) -> str:
-    line = " ".join(content.split())
-    return line if len(line) <= TITLE_CHARS else line[: TITLE_CHARS - 1] + "…"
+    shown = conversation.messages.filter(replaced_at__isnull=True)
+    return conversation, list(shown.annotate(my_rating=Subquery(rating)))
 
 
 def _replay(user_message: Message) -> Turn:
@@ -167,6 +164,15 @@ def _lock_send(client_id: str) -> None:
         cursor.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", [SEND_LOCK, client_id])
 
 
+def _replace_from(conversation: Conversation, message_id: str) -> int:
+    """Take user message ``message_id`` and every later message out of the conversation (an edit)."""
+    target = conversation.messages.filter(pk=_pk(message_id), role=Message.Role.USER, replaced_at__isnull=True).first()
+    if target is None:
+        raise ProtocolError(protocol.NOT_FOUND, "No such message in this conversation.")
+    conversation.messages.filter(replaced_at__isnull=True, id__gte=target.pk).update(replaced_at=timezone.now())
+    return target.pk
+
+
 def begin_turn(
     user,
     conversation_id: str | None,
@@ -175,8 +181,12 @@ def begin_turn(
     use_documents: bool | None,
     model_name: str,
     control_channel: str,
+    replaces: str | None = None,
 ) -> Turn:
-    """Save the user's message and an empty `streaming` reply, or find the earlier send with this client_id."""
+    """Save the user's message and an empty `streaming` reply, or find the earlier send with this client_id.
+
+    With ``replaces`` (an edit), that user message and everything after it leave the conversation first.
+    """
     with transaction.atomic():
         _lock_send(client_id)
         known = (
@@ -188,7 +198,7 @@ def begin_turn(
         if created:
             limits.check_turn(user, client_id, new_conversation=True)
             conversation = Conversation.objects.create(
-                owner=user, title=_title(content), use_documents=use_documents is not False
+                owner=user, title=titles.fallback(content), use_documents=use_documents is not False
             )
         else:
             conversation = get_conversation(user, conversation_id)
@@ -199,6 +209,7 @@ def begin_turn(
             if streaming is not None:
                 raise Busy(streaming, client_id)
             limits.check_turn(user, client_id, new_conversation=False)
+        replaced = _replace_from(conversation, replaces) if replaces is not None else None
         user_message = Message.objects.create(
             conversation=conversation, role=Message.Role.USER, content=content, client_id=client_id
         )
@@ -209,7 +220,7 @@ def begin_turn(
                 conversation.use_documents = use_documents
                 changed.append("use_documents")
             conversation.save(update_fields=changed)
-    return Turn(conversation, user_message, reply, created_conversation=created)
+    return Turn(conversation, user_message, reply, created_conversation=created, replaced=replaced)
 
 
 def begin_regenerate(user, message_id: str, model_name: str, control_channel: str) -> Turn:
@@ -243,7 +254,9 @@ def prompt_history(conversation_id: int, user_message_id: int) -> list[dict[str,
 
     Of several replies to one user message (regenerated) only the newest with text counts.
     """
-    rows = Message.objects.filter(conversation_id=conversation_id, id__lt=user_message_id).order_by("id")
+    rows = Message.objects.filter(
+        conversation_id=conversation_id, id__lt=user_message_id, replaced_at__isnull=True
+    ).order_by("id")
     latest_reply: dict[int, Message] = {}
     users: list[Message] = []
     for row in rows:

@@ -48,7 +48,7 @@ def page(user, q: str = "", before: str = "", size: int | None = None) -> tuple[
             owner=user, words=query
         )
         by_text = Message.objects.annotate(words=SearchVector("content", config="simple")).filter(
-            conversation__owner=user, words=query
+            conversation__owner=user, replaced_at__isnull=True, words=query
         )
         conversations = conversations.filter(
             Q(pk__in=by_title.values("pk")) | Q(pk__in=by_text.values("conversation_id"))

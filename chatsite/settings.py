@@ -194,7 +194,6 @@ CHAT_MAX_FRAME_BYTES = env_int("CHAT_MAX_FRAME_BYTES", 64 * 1024)
 CHAT_HARD_FRAME_BYTES = env_int("CHAT_HARD_FRAME_BYTES", 1024 * 1024)
 # A socket that only receives has its login checked again this often (each frame it sends is checked anyway).
 CHAT_SESSION_CHECK_SECONDS = env_float("CHAT_SESSION_CHECK_SECONDS", 5.0)
-# Deltas are coalesced for this long before crossing the channel layer.
 # Limits (chat/limits.py); 0 switches one off.
 CHAT_LIMIT_CONCURRENT_REPLIES = env_int("CHAT_LIMIT_CONCURRENT_REPLIES", 3)
 CHAT_LIMIT_MESSAGES_PER_MINUTE = env_int("CHAT_LIMIT_MESSAGES_PER_MINUTE", 20)
@@ -202,11 +201,18 @@ CHAT_LIMIT_CONVERSATIONS = env_int("CHAT_LIMIT_CONVERSATIONS", 5000)
 SIGNUP_LIMIT_PER_HOUR = env_int("SIGNUP_LIMIT_PER_HOUR", 5)
 LOGIN_FAILURES_PER_USERNAME = env_int("LOGIN_FAILURES_PER_USERNAME", 5)  # per 15 minutes
 LOGIN_FAILURES_PER_ADDRESS = env_int("LOGIN_FAILURES_PER_ADDRESS", 20)  # per 15 minutes
+# Deltas are coalesced for this long before crossing the channel layer.
 CHAT_COALESCE_SECONDS = env_float("CHAT_COALESCE_SECONDS", 0.05)
 # A streaming reply is written to the database at least this often.
 CHAT_FLUSH_SECONDS = env_float("CHAT_FLUSH_SECONDS", 1.0)
 # A `streaming` row not flushed for this long belongs to a dead process.
 CHAT_STALE_SECONDS = env_float("CHAT_STALE_SECONDS", 30.0)
+# Titles of new conversations (chat/titles.py): "model" asks the model for one after the first
+# reply; "first_message" keeps the first message as the title; "auto": "model", except with the
+# offline local model, whose titles were worse than the first message (it answers instead).
+CHAT_TITLES = os.environ.get("CHAT_TITLES", "auto")
+# How long the model may take to write a title before the first message stays the title.
+CHAT_TITLE_TIMEOUT = env_float("CHAT_TITLE_TIMEOUT", 30.0)
 
 # --- LLM (docs/architecture.md) ------------------------------------------------------
 OPENAI_API_KEY = os.environ.get("OPENAI_API_KEY", "")

@@ -86,6 +86,7 @@ def use_test_llm(settings, llm_server):
     settings.LLM_MAX_RETRIES = 0
     settings.LLM_TIMEOUT = 10
     settings.CHAT_FLUSH_SECONDS = 0.2
+    llm_server.title_requests.clear()  # the earlier tests' replies have all ended (isolated_event_loop_state)
     return llm_server
 
 

@@ -16,6 +16,11 @@ in the last user message:
     [cite]          answer with citation markers: CITED_REPLY ([1] and [2] exist when two sources
                     were given; [9] never does)
 
+A title request (chat/titles.py: its system prompt starts "Write a short title") is answered
+with the ``[title=Words_with_underscores]`` of the question it quotes, spaces for underscores,
+or else with the question itself (so the title stays what it was); it is recorded in
+``title_requests``, not ``requests``.
+
 POST .../embeddings answers with deterministic vectors of the asked ``dimensions``.
 
 Token times are scheduled from the request's arrival (token i is due at
@@ -71,6 +76,19 @@ def plan(messages: list[dict]) -> tuple[list[str], dict[str, str]]:
     return tokens, directives
 
 
+TITLE_REQUEST = "Write a short title"
+
+
+def is_title_request(messages: list[dict]) -> bool:
+    return bool(messages) and messages[0]["role"] == "system" and messages[0]["content"].startswith(TITLE_REQUEST)
+
+
+def title_plan(messages: list[dict]) -> list[str]:
+    quoted = messages[-1]["content"].removeprefix("User: ").partition("\n\nAssistant:")[0]
+    wanted = dict(DIRECTIVE.findall(quoted)).get("title")
+    return re.findall(r"\S+\s*", wanted.replace("_", " ") if wanted else quoted)
+
+
 def expected_reply(content: str) -> str:
     """The text the server streams for a user message ``content``."""
     return "".join(plan([{"role": "user", "content": content}])[0])
@@ -112,6 +130,7 @@ class LLMServer:
     def __init__(self, port: int = 0) -> None:
         self.port = port
         self.requests: list[dict] = []
+        self.title_requests: list[dict] = []
         self.disconnects = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.Server | None = None
@@ -171,6 +190,10 @@ class LLMServer:
             writer.write(_response(200, {"object": "list", "data": [{"id": "test-model", "object": "model"}]}))
             return True
         request = json.loads(body)
+        if is_title_request(request.get("messages", [])):
+            self.title_requests.append(request)
+            await self._stream(writer, request, title_plan(request["messages"]), {})
+            return True
         self.requests.append(request)
         if target.endswith("/embeddings"):
             writer.write(_response(200, _embeddings(request)))

@@ -345,3 +345,46 @@ def test_sidebar_groups_searches_renames_and_deletes(site, browser):
     expect(sidebar.locator(".conversation a", has_text="Bicycle")).to_have_count(0)
     expect(sidebar.locator(".conversation a", has_text="garden")).to_have_count(1)
     context.close()
+
+
+def test_model_titles_and_edit_and_resend_show_live_in_every_tab(site, browser):
+    port_a, port_b = site.ports
+    context, page = logged_in(browser, port_a)
+    other = context.new_page()
+    other.goto(f"http://127.0.0.1:{port_b}/")  # another tab, on the other server process
+    expect(other.locator("#connection-state")).to_have_text("Connected")
+    for text in ("Plan a trip [tokens=3][title=Trip_planning]", "Add a museum [tokens=2]"):
+        page.fill("#input", text)
+        page.keyboard.press("Enter")
+        expect(page.locator(".message.assistant").last).to_have_attribute("data-status", "complete")
+    # The model's title replaces the first message, here and in the other tab's sidebar.
+    expect(page.locator("#topbar-title")).to_have_text("Trip planning")
+    expect(page.locator("#conversation-list .conversation a").first).to_have_text("Trip planning")
+    expect(other.locator("#conversation-list .conversation a").first).to_have_text("Trip planning")
+    other.goto(page.url.replace(str(port_a), str(port_b)))  # the same conversation, on the other process
+    expect(other.locator(".message.user .body")).to_have_count(2)
+
+    # Up in the empty composer edits the last message; Esc leaves it as it was.
+    page.locator("#input").focus()
+    page.keyboard.press("ArrowUp")
+    editor = page.get_by_label("Edit message", exact=True).and_(page.locator("textarea"))
+    expect(editor).to_have_value("Add a museum [tokens=2]")
+    page.screenshot(path=SCREENSHOTS / "edit.png")
+    page.keyboard.press("Escape")
+    expect(editor).to_have_count(0)
+    expect(page.locator(".message.user .body").last).to_have_text("Add a museum [tokens=2]")
+
+    # Editing the first message replaces it and everything after it, here and in the other tab.
+    page.locator(".message.user").first.get_by_role("button", name="Edit message").click()
+    editor.fill("Plan a trip to Rome [tokens=4]")
+    editor.press("Enter")
+    expect(page.locator(".message.user .body")).to_have_text(["Plan a trip to Rome [tokens=4]"])
+    expect(page.locator("#topbar-title")).to_have_text("Trip planning")  # an edit keeps the title
+    expect(page.locator(".message.assistant")).to_have_count(1)
+    expect(page.locator(".message.assistant .body")).to_have_text("t0 t1 t2 t3 ")
+    expect(other.locator(".message.user .body")).to_have_text(["Plan a trip to Rome [tokens=4]"])
+    expect(other.locator(".message.assistant .body")).to_have_text(["t0 t1 t2 t3 "])
+    page.reload()
+    expect(page.locator(".message.user .body")).to_have_text(["Plan a trip to Rome [tokens=4]"])
+    expect(page.locator(".message.assistant .body")).to_have_text(["t0 t1 t2 t3 "])
+    context.close()

@@ -56,6 +56,7 @@ def frames_against(ids: dict[str, int], client_id: str) -> list[dict]:
     return [
         {"type": "open", "conversation_id": conversation},
         {"type": "send", "conversation_id": conversation, "client_id": client_id, "content": "let me in"},
+        {"type": "send", "conversation_id": conversation, "client_id": client_id, "content": "x", "replaces": question},
         {"type": "stop", "message_id": reply},
         {"type": "regenerate", "message_id": reply},
         {"type": "regenerate", "message_id": question},

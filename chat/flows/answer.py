@@ -5,6 +5,8 @@
                                    \\------------- "plain" -------------> BuildPrompt <--/
                                                                               |
                                                       Persist <- StreamAnswer <-/
+                                                         |
+                                                    NameConversation
     (Prepare and BuildPrompt go to Persist on "error".)
 
 Prepare gets the provider and starts the reply's row heartbeat and control
@@ -14,6 +16,7 @@ are documents/search.py's, the same ``manage.py retrieve`` runs. SelectContext
 picks the passages that fit the window, saves them on the reply and sends the
 `sources` frame before any chunk. Persist is the one place a reply ends (last
 text published, final row written, `done` sent), whatever happened before it.
+NameConversation then asks the model to title a new conversation (chat/titles.py).
 The shared store (``new_store``) holds the turn's ids, the ``ReplyStream``
 that publishes it, the ``ReplyRow`` that saves it, and each node's result.
 """
@@ -29,7 +32,7 @@ from channels.layers import BaseChannelLayer
 from django.conf import settings
 from pocketflow import AsyncFlow, AsyncNode
 
-from chat import protocol, services
+from chat import protocol, services, titles
 from chat.llm import ProviderError, Status, Usage, get_provider
 from chat.llm.context import fit_prompt, select_sources, source_budget, with_sources
 from chat.models import Message
@@ -54,6 +57,7 @@ def new_store(turn: services.Turn, stream: ReplyStream) -> dict[str, Any]:
         "sources": [],
         # A conversation made by this send has no history: LoadHistory need not ask the database.
         "new_conversation": turn.created_conversation,
+        "title": turn.conversation.title,
         "stream": stream,
         "row": ReplyRow(turn.reply.pk),
         "started": time.monotonic(),
@@ -324,11 +328,46 @@ class Persist(AsyncNode):
         return frame
 
 
+class NameConversation(AsyncNode):
+    """A new conversation whose first reply is complete gets a title written by the model.
+
+    After `done`, so the reply never waits for it. Best effort: any failure keeps the first title.
+    """
+
+    async def prep_async(self, shared: dict[str, Any]) -> tuple | None:
+        wanted = shared["new_conversation"] and titles.by_model()
+        if not wanted or shared["outcome"].status != Message.Status.COMPLETE:
+            return None
+        return shared["provider"], shared["question"], shared["stream"].text
+
+    async def exec_async(self, prep_res: tuple | None) -> str:
+        if prep_res is None:
+            return ""
+        try:
+            async with asyncio.timeout(settings.CHAT_TITLE_TIMEOUT):
+                return await titles.ask(*prep_res)
+        except (ProviderError, TimeoutError) as exc:
+            logger.info("no title from the model: %r", exc)
+            return ""
+
+    async def post_async(self, shared: dict[str, Any], prep_res: Any, title: str) -> None:
+        if not title or title == shared["title"]:
+            return
+        try:
+            conversation = await db(titles.save)(shared["conversation_id"], shared["title"], title)
+            if conversation is not None:
+                await titles.tell_owner(shared["stream"].layer, conversation)
+        except Exception:  # noqa: BLE001 - the reply is saved and delivered; a title is not worth failing it
+            logger.warning(
+                "conversation %s: the new title was not saved or not shown", shared["conversation_id"], exc_info=True
+            )
+
+
 def answer_flow() -> AsyncFlow:
     prepare, load, use_documents = Prepare(), LoadHistory(), UseDocuments()
     rewrite, retrieve, rerank, select = RewriteQuery(), Retrieve(), Rerank(), SelectContext()
-    build, answer, persist = BuildPrompt(), StreamAnswer(), Persist()
-    prepare >> load >> use_documents >> rewrite >> retrieve >> rerank >> select >> build >> answer >> persist
+    build, answer, persist, name = BuildPrompt(), StreamAnswer(), Persist(), NameConversation()
+    prepare >> load >> use_documents >> rewrite >> retrieve >> rerank >> select >> build >> answer >> persist >> name
     use_documents - "plain" >> build
     prepare - "error" >> persist
     build - "error" >> persist

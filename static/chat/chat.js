@@ -40,7 +40,8 @@
       outbox.splice(0).forEach(send);
       // Unacknowledged sends go again: the same client_id makes this safe.
       for (const [clientId, p] of pending) {
-        send({type: "send", conversation_id: conversationId, client_id: clientId, content: p.content, use_documents: p.useDocuments});
+        send({type: "send", conversation_id: conversationId, client_id: clientId, content: p.content,
+              use_documents: p.useDocuments, replaces: p.replaces});
       }
     };
     socket.onmessage = (event) => { lastFrameAt = Date.now(); handle(JSON.parse(event.data)); };
@@ -216,6 +217,7 @@
     copy: "M9 9h11v11H9z M5 15H4V4h11v1",
     regenerate: "M20 11a8 8 0 1 0-2.3 5.7 M20 4v7h-7",
     good: "M7 11v9H4v-9z M7 11l4-7c1.5 0 2.5 1 2 3l-1 3h6c1 0 2 1 1.7 2.2l-1.6 6.3c-.3 1-1 1.5-2 1.5H7",
+    edit: "M4 20h4L19 9l-4-4L4 16z M14 6l4 4",
     bad: "M7 13V4H4v9z M7 13l4 7c1.5 0 2.5-1 2-3l-1-3h6c1 0 2-1 1.7-2.2l-1.6-6.3c-.3-1-1-1.5-2-1.5H7",
   };
   function icon(name) {
@@ -268,6 +270,11 @@
     const buttons = [];
     if (entry.status === "streaming" || entry.status === "sending") { box.replaceChildren(); return; }
     buttons.push(actionButton(entry.role === "user" ? "Copy message" : "Copy reply", "copy", (e) => copy(entry.text, e.currentTarget)));
+    if (entry.role === "user") {
+      const edit = actionButton("Edit message", "edit", () => startEdit(id, entry));
+      edit.disabled = !!streamingId;
+      buttons.push(edit);
+    }
     if (entry.role === "assistant") {
       const ids = entry.replyTo ? variantsOf(entry.replyTo) : [id];
       if (ids.length > 1) {
@@ -297,6 +304,71 @@
       buttons.push(actionButton("Bad reply", "bad", () => rate(id, entry, -1), entry.feedback === -1));
     }
     box.replaceChildren(...buttons);
+  }
+
+  // --- editing a sent message ----------------------------------------------------------------------
+  // The edited message and everything after it leave the conversation (docs/protocol.md, "Editing"),
+  // and the new text is sent in their place.
+  function startEdit(id, entry) {
+    if (streamingId || entry.el.querySelector(".edit-form")) return;
+    const form = document.createElement("form");
+    form.className = "edit-form";
+    const box = document.createElement("textarea");
+    box.value = entry.text;
+    box.rows = Math.min(8, entry.text.split("\n").length + 1);
+    box.setAttribute("aria-label", "Edit message");
+    const save = document.createElement("button");
+    save.type = "submit";
+    save.textContent = "Save and send";
+    const cancel = document.createElement("button");
+    cancel.type = "button";
+    cancel.className = "secondary";
+    cancel.textContent = "Cancel";
+    const note = document.createElement("small");
+    note.textContent = "Messages after this one will be replaced.";
+    const buttons = document.createElement("div");
+    buttons.className = "edit-buttons";
+    buttons.append(note, cancel, save);
+    form.append(box, buttons);
+    const body = entry.el.querySelector(".body");
+    body.hidden = true;
+    entry.el.querySelector(".actions").hidden = true;
+    body.after(form);
+    const close = () => {
+      form.remove();
+      body.hidden = false;
+      entry.el.querySelector(".actions").hidden = false;
+      input.focus();
+    };
+    cancel.addEventListener("click", close);
+    form.addEventListener("submit", (event) => {
+      event.preventDefault();
+      const content = box.value;
+      if (!content.trim() || content === entry.text) { close(); return; }
+      if (streamingId) { toast("Wait for the reply to finish, or stop it, before editing."); return; }
+      if (cpLength(content) > maxChars) { toast(`Messages can be at most ${maxChars} characters.`); return; }
+      dropFrom(id);
+      submit(content, id);
+      input.focus();
+    });
+    box.addEventListener("keydown", (event) => {
+      if (event.key === "Enter" && !event.shiftKey && !event.isComposing) { event.preventDefault(); form.requestSubmit(); }
+      if (event.key === "Escape") { event.preventDefault(); event.stopPropagation(); close(); }
+    });
+    box.focus();
+    box.setSelectionRange(box.value.length, box.value.length);
+  }
+
+  // Removes message ``id`` and every message shown after it (an edit replaced them).
+  function dropFrom(id) {
+    const first = messages.get(id);
+    if (!first) return;
+    for (const [messageId, entry] of [...messages]) {
+      if (entry.el === first.el || first.el.compareDocumentPosition(entry.el) & Node.DOCUMENT_POSITION_FOLLOWING) {
+        entry.el.remove();
+        messages.delete(messageId);
+      }
+    }
   }
 
   // Thumbs up or down, then an optional comment; sending again replaces it.
@@ -380,6 +452,11 @@
         followIfPinned();
         break;
       }
+      case "replaced": {
+        // Another tab edited a message: it and every later one are gone.
+        if (frame.conversation_id === conversationId) dropFrom(frame.message_id);
+        break;
+      }
       case "message": {
         const m = frame.message;
         addMessage(m);
@@ -436,7 +513,13 @@
       }
       case "error": {
         const p = frame.client_id && pending.get(frame.client_id);
-        if (p) {
+        if (p && p.replaces) {
+          // The edit was refused: the messages it would have replaced are still there. Show them again.
+          pending.delete(frame.client_id);
+          p.el.remove();
+          toast(`Your edit was not sent: ${frame.message}`);
+          send({type: "open", conversation_id: conversationId});
+        } else if (p) {
           pending.delete(frame.client_id);
           setStatus(p.el, "error", frame.message);
           input.value = p.content;
@@ -446,16 +529,19 @@
         break;
       }
       case "conversation": {
-        // Renamed or deleted in another tab (or this one): the list and the title follow.
+        // Titled by the model, renamed or deleted in another tab (or this one): the list and the title follow.
         const c = frame.conversation;
         listChanged++;
         if (frame.deleted) {
           listed = listed.filter((x) => x.id !== c.id);
           if (c.id === conversationId) { location.href = "/"; return; }
+        } else if (!listed.some((x) => x.id === c.id)) {
+          // Started in another tab (and now titled): it joins the list, unless a search hides it.
+          if (!searchBox.value.trim()) listed = [c, ...listed];
         } else {
           listed = listed.map((x) => (x.id === c.id ? {...x, title: c.title} : x));
-          if (c.id === conversationId) document.getElementById("topbar-title").textContent = c.title;
         }
+        if (!frame.deleted && c.id === conversationId) document.getElementById("topbar-title").textContent = c.title;
         renderSidebar();
         break;
       }
@@ -644,16 +730,29 @@
     const content = input.value;
     if (!content.trim() || streamingId) return;
     if (cpLength(content) > maxChars) { toast(`Messages can be at most ${maxChars} characters.`); return; }
-    const clientId = uuid();
-    pending.set(clientId, {content, useDocuments: useDocuments.checked, el: bubble("user", content, "sending")});
     input.value = "";
-    followIfPinned();
-    send({type: "send", conversation_id: conversationId, client_id: clientId, content, use_documents: useDocuments.checked});
+    submit(content, null);
   });
+
+  // Sends a user message (an edit when ``replaces`` is the id of the message it replaces).
+  function submit(content, replaces) {
+    const clientId = uuid();
+    const p = {content, useDocuments: useDocuments.checked, replaces, el: bubble("user", content, "sending")};
+    pending.set(clientId, p);
+    pinned = true;
+    followIfPinned();
+    send({type: "send", conversation_id: conversationId, client_id: clientId, content,
+          use_documents: p.useDocuments, replaces: replaces || undefined});
+  }
   input.addEventListener("keydown", (event) => {
     if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
       event.preventDefault();
       document.getElementById("composer").requestSubmit();
+    }
+    // Up in an empty composer edits the last message sent, as in most chat apps.
+    if (event.key === "ArrowUp" && !input.value && !streamingId) {
+      const last = [...messages].filter(([, e]) => e.role === "user").pop();
+      if (last) { event.preventDefault(); startEdit(last[0], last[1]); }
     }
   });
   document.addEventListener("keydown", (event) => {
