@@ -6,6 +6,7 @@ that is not yours is "not found", exactly like one that does not exist.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -18,20 +19,25 @@ from django.utils import timezone
 from chat import limits, protocol, titles
 from chat.models import Conversation, Feedback, Message
 from chat.protocol import ProtocolError
+from documents import search
 
 # The first key of this project's advisory locks on a send's client_id (the second is the client_id's hash).
 SEND_LOCK = 0x43484154  # "CHAT"
 
 
-def db(fn):
-    """``fn`` as a coroutine function, run on the event loop's thread pool.
+# The threads that run database calls, each with its own persistent connection. Not channels'
+# single "thread-sensitive" thread: it serialised every socket's queries, and at 200 concurrent
+# turns their starts queued behind each other for seconds. Not the event loop's default pool
+# either: asyncio resolves host names there (every new connection to the model's endpoint), and
+# those waited behind 200 queued turns, so no reply got its first token before the last turn had
+# started (docs/performance.md).
+DB_EXECUTOR = ThreadPoolExecutor(max_workers=settings.CHAT_DB_THREADS, thread_name_prefix="db")
 
-    Not channels' default single "thread-sensitive" thread: that one thread
-    serialised every socket's queries, and at 200 concurrent turns their
-    starts queued behind each other for seconds. Connections are checked
-    (close_old_connections) around each call, as channels does.
-    """
-    return database_sync_to_async(fn, thread_sensitive=False)
+
+def db(fn):
+    """``fn`` as a coroutine function, run on ``DB_EXECUTOR``; connections are checked
+    (close_old_connections) around each call, as channels does."""
+    return database_sync_to_async(fn, thread_sensitive=False, executor=DB_EXECUTOR)
 
 
 @dataclass
@@ -44,6 +50,8 @@ class Turn:
     created_conversation: bool = False
     #: An edit: the first message it took out of the conversation (it and every later one).
     replaced: int | None = None
+    #: The documents the reply may search; None: plain chat (documents off, or none to see).
+    scope: search.Scope | None = None
 
 
 def _pk(value: str) -> int:
@@ -120,6 +128,14 @@ def open_conversation(user, conversation_id: str) -> tuple[Conversation, list[Me
     rating = Feedback.objects.filter(message=OuterRef("pk"), user=user).values("rating")[:1]
     shown = conversation.messages.filter(replaced_at__isnull=True)
     return conversation, list(shown.annotate(my_rating=Subquery(rating)))
+
+
+def _scope(conversation: Conversation) -> search.Scope | None:
+    """What the turn's answer may search, read in the turn's own database hop: a query of its
+    own, on the thread pool, would wait behind every turn that starts meanwhile (docs/performance.md)."""
+    if not conversation.use_documents:
+        return None  # not even "are there any?"
+    return search.scope(conversation.owner_id) or None
 
 
 def _replay(user_message: Message) -> Turn:
@@ -220,7 +236,9 @@ def begin_turn(
                 conversation.use_documents = use_documents
                 changed.append("use_documents")
             conversation.save(update_fields=changed)
-    return Turn(conversation, user_message, reply, created_conversation=created, replaced=replaced)
+    return Turn(
+        conversation, user_message, reply, created_conversation=created, replaced=replaced, scope=_scope(conversation)
+    )
 
 
 def begin_regenerate(user, message_id: str, model_name: str, control_channel: str) -> Turn:
@@ -237,7 +255,7 @@ def begin_regenerate(user, message_id: str, model_name: str, control_channel: st
         limits.check_turn(user, None, new_conversation=False)
         reply = _new_reply(conversation, user_message, model_name, control_channel)
         conversation.save(update_fields=["updated_at"])
-    return Turn(conversation, user_message, reply)
+    return Turn(conversation, user_message, reply, scope=_scope(conversation))
 
 
 def request_stop(user, message_id: str) -> Message | None:

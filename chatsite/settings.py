@@ -205,6 +205,10 @@ LOGIN_FAILURES_PER_ADDRESS = env_int("LOGIN_FAILURES_PER_ADDRESS", 20)  # per 15
 CHAT_COALESCE_SECONDS = env_float("CHAT_COALESCE_SECONDS", 0.05)
 # A streaming reply is written to the database at least this often.
 CHAT_FLUSH_SECONDS = env_float("CHAT_FLUSH_SECONDS", 1.0)
+# Threads (and PostgreSQL connections) per process for database calls (chat/services.py `db`):
+# 6 is asyncio's own default on 2 cores; 2 and 16 measured no better under load, since the
+# ORM's Python work shares one GIL (docs/performance.md).
+CHAT_DB_THREADS = env_int("CHAT_DB_THREADS", 6)
 # A `streaming` row not flushed for this long belongs to a dead process.
 CHAT_STALE_SECONDS = env_float("CHAT_STALE_SECONDS", 30.0)
 # Titles of new conversations (chat/titles.py): "model" asks the model for one after the first

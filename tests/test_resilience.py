@@ -74,8 +74,14 @@ def test_control_listener_survives_a_dropped_redis_connection(slow_flush_site):
             await a.send(send(None, "[tokens=3]"))
             await frames_until(a, "done")
         # Every subscriber connection is cut, process A's control listener's among them.
+        subscribers = len(valkey.client_list(_type="pubsub"))
         assert valkey.client_kill_filter(_type="pubsub") >= 1
-        await asyncio.sleep(2)  # channels_redis reconnects and subscribes again
+        # channels_redis reconnects, after redis-py's back-off (up to seconds on a busy machine), and
+        # subscribes again; a fixed wait raced it, and a socket that subscribed meanwhile missed its chunks.
+        deadline = time.monotonic() + 20
+        while len(valkey.client_list(_type="pubsub")) < subscribers and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(0.5)
         async with socket(port_a, cookie) as a, socket(port_b, cookie) as b:
             await a.send(send(None, "[tokens=400][delay=0.02]"))
             ack = json.loads(await a.recv())

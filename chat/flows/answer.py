@@ -53,7 +53,7 @@ def new_store(turn: services.Turn, stream: ReplyStream) -> dict[str, Any]:
         "reply_id": turn.reply.pk,
         "user_id": turn.conversation.owner_id,
         "question": turn.user_message.content,
-        "use_documents": turn.conversation.use_documents,
+        "scope": turn.scope,
         "sources": [],
         # A conversation made by this send has no history: LoadHistory need not ask the database.
         "new_conversation": turn.created_conversation,
@@ -111,17 +111,13 @@ class LoadHistory(AsyncNode):
 
 class UseDocuments(AsyncNode):
     """Whether this turn searches: the conversation's switch is on and the user can see a ready
-    document. One query over documents; without any, the turn is plain chat (no embedding, no
-    chunk read)."""
+    document (``Turn.scope``, read with the turn itself). Without, the turn is plain chat (no
+    embedding, no chunk read)."""
 
-    async def prep_async(self, shared: dict[str, Any]) -> int | None:
-        return shared["user_id"] if shared["use_documents"] else None
+    async def prep_async(self, shared: dict[str, Any]) -> search.Scope | None:
+        return shared["scope"]
 
-    async def exec_async(self, user_id: int | None) -> search.Scope | None:
-        return await db(search.scope)(user_id) if user_id is not None else None
-
-    async def post_async(self, shared: dict[str, Any], prep_res: Any, scope: search.Scope | None) -> str | None:
-        shared["scope"] = scope
+    async def post_async(self, shared: dict[str, Any], scope: search.Scope | None, exec_res: Any) -> str | None:
         return None if scope else "plain"
 
 
