@@ -131,8 +131,9 @@ def open_conversation(user, conversation_id: str) -> tuple[Conversation, list[Me
 
 
 def _scope(conversation: Conversation) -> search.Scope | None:
-    """What the turn's answer may search, read in the turn's own database hop: a query of its
-    own, on the thread pool, would wait behind every turn that starts meanwhile (docs/performance.md)."""
+    """What the turn's answer may search, read in the turn's own transaction (if it fails, nothing
+    of the turn is saved): a query of its own, on the thread pool, would wait behind every turn that
+    starts meanwhile (docs/performance.md)."""
     if not conversation.use_documents:
         return None  # not even "are there any?"
     return search.scope(conversation.owner_id) or None
@@ -236,9 +237,8 @@ def begin_turn(
                 conversation.use_documents = use_documents
                 changed.append("use_documents")
             conversation.save(update_fields=changed)
-    return Turn(
-        conversation, user_message, reply, created_conversation=created, replaced=replaced, scope=_scope(conversation)
-    )
+        scope = _scope(conversation)
+    return Turn(conversation, user_message, reply, created_conversation=created, replaced=replaced, scope=scope)
 
 
 def begin_regenerate(user, message_id: str, model_name: str, control_channel: str) -> Turn:
@@ -255,7 +255,8 @@ def begin_regenerate(user, message_id: str, model_name: str, control_channel: st
         limits.check_turn(user, None, new_conversation=False)
         reply = _new_reply(conversation, user_message, model_name, control_channel)
         conversation.save(update_fields=["updated_at"])
-    return Turn(conversation, user_message, reply, scope=_scope(conversation))
+        scope = _scope(conversation)
+    return Turn(conversation, user_message, reply, scope=scope)
 
 
 def request_stop(user, message_id: str) -> Message | None:

@@ -370,6 +370,10 @@ def test_model_titles_and_edit_and_resend_show_live_in_every_tab(site, browser):
     editor = page.get_by_label("Edit message", exact=True).and_(page.locator("textarea"))
     expect(editor).to_have_value("Add a museum [tokens=2]")
     page.screenshot(path=SCREENSHOTS / "edit.png")
+    page.set_viewport_size({"width": 375, "height": 740})
+    assert page.evaluate("document.documentElement.scrollWidth") <= 375  # the editor fits a phone
+    page.screenshot(path=SCREENSHOTS / "edit-phone.png")
+    page.set_viewport_size({"width": 1100, "height": 700})
     page.keyboard.press("Escape")
     expect(editor).to_have_count(0)
     expect(page.locator(".message.user .body").last).to_have_text("Add a museum [tokens=2]")

@@ -4,7 +4,11 @@
 import asyncio
 import threading
 
+import pytest
+
 from chat.services import db
+
+pytestmark = pytest.mark.django_db(transaction=True)
 
 
 async def test_database_calls_do_not_wait_for_the_loops_default_pool():

@@ -5,6 +5,7 @@ import re
 
 import pytest
 from django.core.management import call_command
+from django.db import DatabaseError
 from django.db.backends.utils import CursorWrapper
 
 from chat.llm.context import Source, select_sources
@@ -116,6 +117,25 @@ async def test_plain_chat_without_documents_runs_no_retrieval_query_and_no_embed
     # One question about documents (are there any?), over the documents table alone.
     assert len([statement for statement in sql if "documents_document" in statement]) == 1
     assert embedded == []
+
+
+async def test_a_turn_whose_documents_cannot_be_looked_up_saves_nothing(alice, monkeypatch):
+    """The scope is read in the turn's own transaction: if that fails, no half-made turn (a
+    `streaming` reply nobody writes) is left behind, and the same client_id can be sent again."""
+
+    def broken(user_id):
+        raise DatabaseError("connection lost")
+
+    monkeypatch.setattr(search, "scope", broken)
+    async with Client(alice) as client:
+        refused = await client.say("hello", client_id="6f0c1d2e-3a4b-4c5d-8e9f-0a1b2c3d4e5f")
+        assert refused["type"] == "error" and refused["code"] == "internal_error"
+        assert refused["client_id"] == "6f0c1d2e-3a4b-4c5d-8e9f-0a1b2c3d4e5f"
+        assert not await Message.objects.aexists()
+        monkeypatch.undo()
+        ack = await client.say("hello", client_id="6f0c1d2e-3a4b-4c5d-8e9f-0a1b2c3d4e5f")
+        assert ack["type"] == "ack"
+        assert (await client.recv_until("done"))[-1]["status"] == "complete"
 
 
 async def test_a_conversation_can_switch_its_documents_off_and_on(alice, monkeypatch, llm_server):

@@ -440,6 +440,8 @@
         }
         if (p) {
           pending.delete(frame.client_id);
+          // An edit resent after a reconnect: the history shown meanwhile may still hold what it replaced.
+          if (p.replaces) dropFrom(p.replaces);
           const mine = {role: "user", text: p.content, status: "complete", el: p.el};
           messages.set(frame.user_message_id, mine);
           setStatus(p.el, "complete");
