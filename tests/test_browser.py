@@ -392,3 +392,35 @@ def test_model_titles_and_edit_and_resend_show_live_in_every_tab(site, browser):
     expect(page.locator(".message.user .body")).to_have_text(["Plan a trip to Rome [tokens=4]"])
     expect(page.locator(".message.assistant .body")).to_have_text(["t0 t1 t2 t3 "])
     context.close()
+
+
+def test_a_refused_message_says_why_and_is_sent_again_with_retry(site, browser):
+    """Three replies being written at once is a user's limit (CHAT_LIMIT_CONCURRENT_REPLIES): a fourth
+    tab's message is refused inline, with a Retry that works once one of them has finished."""
+    port = site.ports[0]
+    context, first = logged_in(browser, port)
+    tabs = [first] + [context.new_page() for _ in range(3)]
+    for tab in tabs[1:]:
+        tab.goto(f"http://127.0.0.1:{port}/")
+        expect(tab.locator("#connection-state")).to_have_text("Connected")
+    for tab in tabs[:3]:
+        tab.fill("#input", "Keep writing [tokens=60][delay=0.05]")
+        tab.keyboard.press("Enter")
+        expect(tab.locator(".message.assistant").last).to_have_attribute("data-status", "streaming")
+    fourth = tabs[3]
+    fourth.fill("#input", "One more [tokens=2]")
+    fourth.keyboard.press("Enter")
+    mine = fourth.locator(".message.user").last
+    expect(mine).to_have_attribute("data-status", "error")
+    expect(mine.locator(".meta")).to_contain_text("replies being written already")
+    retry = mine.get_by_role("button", name="Retry sending")
+    expect(retry).to_be_visible()
+    fourth.screenshot(path=SCREENSHOTS / "refused.png")
+    for tab in tabs[:3]:
+        expect(tab.locator(".message.assistant").last).to_have_attribute("data-status", "complete", timeout=20000)
+    expect(retry).to_be_enabled()
+    retry.click()
+    expect(fourth.locator(".message.assistant").last).to_have_text("t0 t1 ")
+    expect(mine).to_have_attribute("data-status", "complete")
+    expect(fourth).to_have_url(re.compile(r"/c/\d+/$"))
+    context.close()

@@ -523,8 +523,7 @@
           send({type: "open", conversation_id: conversationId});
         } else if (p) {
           pending.delete(frame.client_id);
-          setStatus(p.el, "error", frame.message);
-          input.value = p.content;
+          refused(frame, p);
         } else {
           toast(frame.message);
         }
@@ -735,6 +734,33 @@
     input.value = "";
     submit(content, null);
   });
+
+  // A message the server did not take. Waiting helps (too many replies at once, a busy conversation, a
+  // server error): a Retry button sends it again, with the same client_id (safe: docs/protocol.md),
+  // once ``retry_after`` has passed. Otherwise (too long, the conversation limit) the text goes back
+  // to the composer to be changed.
+  function refused(frame, p) {
+    setStatus(p.el, "error", frame.message);
+    const waiting = ["busy", "internal_error"].includes(frame.code) ||
+      (frame.code === "rate_limited" && frame.retry_after != null);
+    if (!waiting) {
+      input.value = p.content;
+      return;
+    }
+    const retry = actionButton("Retry sending", "Retry", () => {
+      retry.remove();
+      pending.set(frame.client_id, p);
+      setStatus(p.el, "sending");
+      send({type: "send", conversation_id: conversationId, client_id: frame.client_id, content: p.content,
+            use_documents: p.useDocuments, replaces: p.replaces || undefined});
+    });
+    retry.className = "retry";
+    if (frame.retry_after) {
+      retry.disabled = true;
+      setTimeout(() => { retry.disabled = false; }, frame.retry_after * 1000);
+    }
+    p.el.querySelector(".actions").replaceChildren(retry);
+  }
 
   // Sends a user message (an edit when ``replaces`` is the id of the message it replaces).
   function submit(content, replaces) {
