@@ -26,6 +26,12 @@ class Conversation(models.Model):
         return self.title or f"Conversation {self.pk}"
 
 
+class MessageQuerySet(models.QuerySet):
+    def shown(self) -> "MessageQuerySet":
+        """The messages still in their conversation: not taken out by an edit (``replaced_at``)."""
+        return self.filter(replaced_at__isnull=True)
+
+
 class Message(models.Model):
     class Role(models.TextChoices):
         USER = "user"
@@ -71,6 +77,8 @@ class Message(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
     # Touched by every flush while streaming: an old value means the generating process died.
     updated_at = models.DateTimeField(auto_now=True)
+
+    objects = MessageQuerySet.as_manager()
 
     class Meta:
         ordering = ["created_at", "id"]

@@ -126,8 +126,7 @@ def open_conversation(user, conversation_id: str) -> tuple[Conversation, list[Me
     recover_stale(conversation.pk)
     # With the user's own rating of each reply (thumbs up or down), in the same query.
     rating = Feedback.objects.filter(message=OuterRef("pk"), user=user).values("rating")[:1]
-    shown = conversation.messages.filter(replaced_at__isnull=True)
-    return conversation, list(shown.annotate(my_rating=Subquery(rating)))
+    return conversation, list(conversation.messages.shown().annotate(my_rating=Subquery(rating)))
 
 
 def _scope(conversation: Conversation) -> search.Scope | None:
@@ -183,10 +182,10 @@ def _lock_send(client_id: str) -> None:
 
 def _replace_from(conversation: Conversation, message_id: str) -> int:
     """Take user message ``message_id`` and every later message out of the conversation (an edit)."""
-    target = conversation.messages.filter(pk=_pk(message_id), role=Message.Role.USER, replaced_at__isnull=True).first()
+    target = conversation.messages.shown().filter(pk=_pk(message_id), role=Message.Role.USER).first()
     if target is None:
         raise ProtocolError(protocol.NOT_FOUND, "No such message in this conversation.")
-    conversation.messages.filter(replaced_at__isnull=True, id__gte=target.pk).update(replaced_at=timezone.now())
+    conversation.messages.shown().filter(id__gte=target.pk).update(replaced_at=timezone.now())
     return target.pk
 
 
@@ -273,9 +272,7 @@ def prompt_history(conversation_id: int, user_message_id: int) -> list[dict[str,
 
     Of several replies to one user message (regenerated) only the newest with text counts.
     """
-    rows = Message.objects.filter(
-        conversation_id=conversation_id, id__lt=user_message_id, replaced_at__isnull=True
-    ).order_by("id")
+    rows = Message.objects.shown().filter(conversation_id=conversation_id, id__lt=user_message_id).order_by("id")
     latest_reply: dict[int, Message] = {}
     users: list[Message] = []
     for row in rows:

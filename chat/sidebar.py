@@ -8,13 +8,19 @@ conversation when new ones arrive.
 
 from __future__ import annotations
 
+import logging
 import re
 from datetime import datetime
 
+from channels.layers import BaseChannelLayer
 from django.contrib.postgres.search import SearchQuery, SearchVector
 from django.db.models import Q
 
+from chat import protocol
 from chat.models import Conversation, Message
+from chat.replies import events
+
+logger = logging.getLogger(__name__)
 
 PAGE_SIZE = 50
 # Words of a query beyond this many are ignored.
@@ -47,8 +53,10 @@ def page(user, q: str = "", before: str = "", size: int | None = None) -> tuple[
         by_title = Conversation.objects.annotate(words=SearchVector("title", config="simple")).filter(
             owner=user, words=query
         )
-        by_text = Message.objects.annotate(words=SearchVector("content", config="simple")).filter(
-            conversation__owner=user, replaced_at__isnull=True, words=query
+        by_text = (
+            Message.objects.shown()
+            .annotate(words=SearchVector("content", config="simple"))
+            .filter(conversation__owner=user, words=query)
         )
         conversations = conversations.filter(
             Q(pk__in=by_title.values("pk")) | Q(pk__in=by_text.values("conversation_id"))
@@ -57,3 +65,14 @@ def page(user, q: str = "", before: str = "", size: int | None = None) -> tuple[
     more = len(rows) > size
     rows = rows[:size]
     return rows, cursor(rows[-1]) if more else None
+
+
+async def tell_tabs(layer: BaseChannelLayer, conversation: Conversation, deleted: bool = False) -> None:
+    """Every open tab of the owner, on any process, shows the conversation's new title (or drops
+    it). Best effort: the change is saved whether or not a tab hears of it."""
+    try:
+        await layer.group_send(
+            events.user_group(conversation.owner_id), events.frames(protocol.conversation(conversation, deleted))
+        )
+    except Exception:  # noqa: BLE001
+        logger.warning("could not tell the tabs about conversation %s", conversation.pk, exc_info=True)

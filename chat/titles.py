@@ -14,18 +14,12 @@ the Eiffel Tower..."), which is worse than the first message. So by default
 
 from __future__ import annotations
 
-import logging
 import re
 
-from channels.layers import BaseChannelLayer
 from django.conf import settings
 
-from chat import protocol
 from chat.llm.base import Provider
 from chat.models import Conversation
-from chat.replies import events
-
-logger = logging.getLogger(__name__)
 
 TITLE_CHARS = 80
 # What the model reads of the exchange: a title needs the gist, not all of it.
@@ -81,8 +75,3 @@ def save(conversation_id: int, first: str, title: str) -> Conversation | None:
     if not Conversation.objects.filter(pk=conversation_id, title=first).update(title=title):
         return None
     return Conversation.objects.get(pk=conversation_id)
-
-
-async def tell_owner(layer: BaseChannelLayer, conversation: Conversation) -> None:
-    """Every open tab of the owner, on any process, shows the new title."""
-    await layer.group_send(events.user_group(conversation.owner_id), events.frames(protocol.conversation(conversation)))

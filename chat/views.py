@@ -1,5 +1,4 @@
 import json
-import logging
 
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
@@ -14,7 +13,6 @@ from django.views.decorators.http import require_http_methods, require_POST
 
 from chat import limits, protocol, sidebar
 from chat.models import Conversation, Feedback, Message
-from chat.replies import events
 
 
 def model_note() -> str:
@@ -97,8 +95,6 @@ def signup(request: HttpRequest) -> HttpResponse:
     return render(request, "registration/signup.html", {"form": form})
 
 
-logger = logging.getLogger(__name__)
-
 # A comment longer than this is refused, not cut.
 FEEDBACK_COMMENT_CHARS = 2000
 
@@ -129,15 +125,7 @@ def _listed(conversation: Conversation) -> dict:
 
 
 def _tell_tabs(conversation: Conversation, deleted: bool = False) -> None:
-    """Every open tab of the owner, on any process, shows the new title (or drops the conversation).
-    Best effort: the change is saved whether or not a tab hears of it."""
-    layer = get_channel_layer()
-    try:
-        async_to_sync(layer.group_send)(
-            events.user_group(conversation.owner_id), events.frames(protocol.conversation(conversation, deleted))
-        )
-    except Exception:  # noqa: BLE001
-        logger.warning("could not tell the tabs about conversation %s", conversation.pk, exc_info=True)
+    async_to_sync(sidebar.tell_tabs)(get_channel_layer(), conversation, deleted)
 
 
 @login_required

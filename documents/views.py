@@ -88,7 +88,7 @@ def passage(request: HttpRequest, document_id: int) -> JsonResponse:
         .first()
     ) or {"window": "", "length": 0}
     text, length = window["window"], window["length"]
-    first = max(0, start - begin)
+    first = start - begin
     cut = end - begin
     page = document.chunks.filter(char_start__lte=start, char_end__gt=start).values_list("page", flat=True).first()
     return JsonResponse(

@@ -32,7 +32,7 @@ from channels.layers import BaseChannelLayer
 from django.conf import settings
 from pocketflow import AsyncFlow, AsyncNode
 
-from chat import protocol, services, titles
+from chat import protocol, services, sidebar, titles
 from chat.llm import ProviderError, Status, Usage, get_provider
 from chat.llm.context import fit_prompt, select_sources, source_budget, with_sources
 from chat.models import Message
@@ -352,7 +352,7 @@ class NameConversation(AsyncNode):
         try:
             conversation = await db(titles.save)(shared["conversation_id"], shared["title"], title)
             if conversation is not None:
-                await titles.tell_owner(shared["stream"].layer, conversation)
+                await sidebar.tell_tabs(shared["stream"].layer, conversation)
         except Exception:  # noqa: BLE001 - the reply is saved and delivered; a title is not worth failing it
             logger.warning(
                 "conversation %s: the new title was not saved or not shown", shared["conversation_id"], exc_info=True

@@ -39,10 +39,7 @@
       if (conversationId) send({type: "open", conversation_id: conversationId});
       outbox.splice(0).forEach(send);
       // Unacknowledged sends go again: the same client_id makes this safe.
-      for (const [clientId, p] of pending) {
-        send({type: "send", conversation_id: conversationId, client_id: clientId, content: p.content,
-              use_documents: p.useDocuments, replaces: p.replaces});
-      }
+      for (const [clientId, p] of pending) sendPending(clientId, p);
     };
     socket.onmessage = (event) => { lastFrameAt = Date.now(); handle(JSON.parse(event.data)); };
     socket.onclose = (event) => {
@@ -373,12 +370,9 @@
 
   // Thumbs up or down, then an optional comment; sending again replaces it.
   async function rate(id, entry, rating, comment = "") {
-    const response = await fetch(`/feedback/${encodeURIComponent(id)}/`, {
-      method: "POST",
-      headers: {"Content-Type": "application/json", "X-CSRFToken": csrf},
-      body: JSON.stringify({rating, comment}),
-    });
-    if (!response.ok) {
+    try {
+      await post(`/feedback/${encodeURIComponent(id)}/`, {rating, comment});
+    } catch (error) {
       toast("Your feedback could not be saved; try again.");
       return;
     }
@@ -751,8 +745,7 @@
       retry.remove();
       pending.set(frame.client_id, p);
       setStatus(p.el, "sending");
-      send({type: "send", conversation_id: conversationId, client_id: frame.client_id, content: p.content,
-            use_documents: p.useDocuments, replaces: p.replaces || undefined});
+      sendPending(frame.client_id, p);
     });
     retry.className = "retry";
     if (frame.retry_after) {
@@ -769,8 +762,13 @@
     pending.set(clientId, p);
     pinned = true;
     followIfPinned();
-    send({type: "send", conversation_id: conversationId, client_id: clientId, content,
-          use_documents: p.useDocuments, replaces: replaces || undefined});
+    sendPending(clientId, p);
+  }
+
+  // The `send` frame of a message waiting in `pending` (sent again as it is until acknowledged).
+  function sendPending(clientId, p) {
+    send({type: "send", conversation_id: conversationId, client_id: clientId, content: p.content,
+          use_documents: p.useDocuments, replaces: p.replaces || undefined});
   }
   input.addEventListener("keydown", (event) => {
     if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
