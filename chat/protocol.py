@@ -175,6 +175,10 @@ def ack(client_id: str, conversation_id: int, user_message_id: int, assistant_me
     }
 
 
+# The frames that tell how a reply is being written, each about one reply (``message_id``).
+REPLY_FRAMES = frozenset({"chunk", "sources", "status", "done"})
+
+
 def chunk(message_id: int, offset: int, delta: str) -> dict[str, Any]:
     return {"type": "chunk", "message_id": str(message_id), "offset": offset, "delta": delta}
 
