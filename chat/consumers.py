@@ -140,49 +140,26 @@ class ChatConsumer(AsyncWebsocketConsumer):
     # --- subscription -----------------------------------------------------------------
 
     async def _subscribe(self, conversation_id: int) -> None:
-        await self._regroup(self._show(conversation_id), conversation_id)
-
-    def _show(self, conversation_id: int) -> int | bool | None:
-        """Make ``conversation_id`` the one this socket shows, at once (a reply it asked for is delivered
-        from then on). Returns what ``_regroup`` needs: the conversation shown before, or False if unchanged."""
-        left = self.conversation_id
-        if left == conversation_id:
-            return False
+        if self.conversation_id == conversation_id:
+            return
+        await self._unsubscribe()
         self.conversation_id = conversation_id
         self.settled = frozenset()
-        self.join.reset()
-        return left
-
-    async def _regroup(self, left: int | bool | None, joined: int) -> None:
-        """Leave the group of the conversation shown before (if any), join ``joined``'s (unless unchanged)."""
-        if left is False:
-            return
-        try:
-            if left is not None:
-                await self.channel_layer.group_discard(events.group_name(left), self.channel_name)
-            await self.channel_layer.group_add(events.group_name(joined), self.channel_name)
-        except BaseException:
-            # Shown but not in the group, it would silently miss other tabs' frames: show nothing
-            # (the page's resend or re-open subscribes again).
-            if self.conversation_id == joined:
-                self.conversation_id = None
-                self.join.reset()
-            raise
+        await self.channel_layer.group_add(events.group_name(conversation_id), self.channel_name)
 
     async def _unsubscribe(self) -> None:
-        left, self.conversation_id = self.conversation_id, None
-        if left is not None:
+        if self.conversation_id is not None:
+            await self.channel_layer.group_discard(events.group_name(self.conversation_id), self.channel_name)
+            self.conversation_id = None
             self.join.reset()
-            await self.channel_layer.group_discard(events.group_name(left), self.channel_name)
 
     # --- client frames ------------------------------------------------------------------
 
     async def open(self, frame: protocol.Open) -> None:
         conversation, rows = await self.as_user(services.open_conversation)(self.user, frame.conversation_id)
-        left = self._show(conversation.pk)
-        # A reply that ended just before this read may still have frames on their way through the group.
+        await self._subscribe(conversation.pk)
+        # A reply that ended just before the read above may still have frames on their way through the group.
         self.settled = frozenset(str(row.pk) for row in rows if row.status != Message.Status.STREAMING)
-        await self._regroup(left, conversation.pk)
         payloads = [protocol.message(row) for row in rows]
 
         async def send_history(text: str | None = "", final: Message | None = None, index: int = -1) -> None:
@@ -246,32 +223,29 @@ class ChatConsumer(AsyncWebsocketConsumer):
             return
         # The other sockets learn of both new messages (after an edit, of what it replaced) before the first chunk.
         # A conversation this send made has no other socket yet: none to tell.
-        announce = []
+        announce = None
         if not turn.created_conversation:
-            announce = [protocol.message_frame(turn.user_message), protocol.message_frame(turn.reply)]
-        if turn.replaced is not None:
-            announce.insert(0, protocol.replaced(turn.conversation.pk, turn.replaced))
-        await self._answer(turn, [ack], announce)
+            frames = [protocol.message_frame(turn.user_message), protocol.message_frame(turn.reply)]
+            if turn.replaced is not None:
+                frames.insert(0, protocol.replaced(turn.conversation.pk, turn.replaced))
+            announce = events.frames(*frames, exclude=self.channel_name)
+        await self._answer(turn, ack, announce)
 
-    async def _answer(self, turn: services.Turn, own: list[dict[str, Any]], announce: list[dict[str, Any]]) -> None:
-        """Start the reply; while the model request is on its way, send this socket ``own`` frames and the
-        others ``announce``, then subscribe.
+    async def _answer(self, turn: services.Turn, ack: dict[str, Any] | None, announce: dict[str, Any] | None) -> None:
+        """Start the reply, then subscribe, acknowledge and announce while the model request is on its way.
 
-        The reply's frames are held until the first two are done, so none overtakes them. They come to
-        this socket directly (``deliver``), so they need not wait for its subscription either.
+        The reply's frames are held until all three are done, so none overtakes them.
         """
         ready = asyncio.Event()
-        answer.start(self.channel_layer, turn, ready, origin=self)
-        left = self._show(turn.conversation.pk)
+        answer.start(self.channel_layer, turn, ready)
         try:
-            for frame in own:
-                await self.send_frame(frame)
-            if announce:
-                group = events.group_name(turn.conversation.pk)
-                await self.channel_layer.group_send(group, events.frames(*announce, exclude=self.channel_name))
+            await self._subscribe(turn.conversation.pk)
+            if ack is not None:
+                await self.send_frame(ack)
+            if announce is not None:
+                await self.channel_layer.group_send(events.group_name(turn.conversation.pk), announce)
         finally:
             ready.set()
-            await self._regroup(left, turn.conversation.pk)
 
     async def _resume(self, reply: Message) -> None:
         """After a replayed send: the reply again from offset 0, then the rest as it streams."""
@@ -299,27 +273,15 @@ class ChatConsumer(AsyncWebsocketConsumer):
         control_address = await ControlDispatcher.address(self.channel_layer)
         turn = await self._begin(services.begin_regenerate, frame.message_id, self._model_name(), control_address)
         # Every socket on the conversation, this one included, learns the new reply's id.
-        message = protocol.message_frame(turn.reply)
-        await self._answer(turn, [message], [message])
+        await self._answer(turn, None, events.frames(protocol.message_frame(turn.reply)))
 
     # --- channel-layer events -----------------------------------------------------------------
 
     async def chat_frames(self, event: dict[str, Any]) -> None:
-        if event.get("exclude") == self.channel_name:
-            return
-        await self._show_frames(event["frames"])
-
-    async def deliver(self, conversation_id: int, frames: list[dict[str, Any]]) -> None:
-        """Frames of a reply this socket asked for, from the flow in this process (``ReplyStream.origin``):
-        shown while the socket shows that conversation, held like the group's while it joins."""
-        if conversation_id == self.conversation_id:
-            await self._show_frames(frames)
-
-    async def _show_frames(self, frames: list[dict[str, Any]]) -> None:
-        if self.logged_out:
+        if event.get("exclude") == self.channel_name or self.logged_out:
             return
         self._check_login_now_and_then()
-        for frame in frames:
+        for frame in event["frames"]:
             if frame["type"] in protocol.REPLY_FRAMES and frame["message_id"] in self.settled:
                 continue
             if self.join.holding:

@@ -4,8 +4,11 @@ import asyncio
 import uuid
 
 import pytest
+from channels.layers import get_channel_layer
 
+from chat import protocol
 from chat.models import Conversation, Message
+from chat.replies import events
 from tests.conftest import Client, reply_text
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -220,3 +223,22 @@ async def test_emoji_and_cjk_round_trip_with_offsets_in_code_points(alice, setti
     assert reply_text(frames, ack["assistant_message_id"]) == f"You said: {text}"
     saved = await Message.objects.aget(pk=ack["user_message_id"])
     assert saved.content == text
+
+
+async def test_frames_of_a_reply_its_history_showed_ended_are_dropped(alice, settings):
+    """A reply that ended just before a socket's `open` read it may still have frames on their way
+    through the group: the history already has its text, so they are not shown again."""
+    settings.CHAT_TITLES = "first_message"
+    async with Client(alice) as client:
+        ack = await client.say("hello")
+        await client.recv_until("done")
+        conversation, reply = ack["conversation_id"], int(ack["assistant_message_id"])
+        await client.send({"type": "open", "conversation_id": conversation})
+        await client.recv_until("history")
+        group = events.group_name(conversation)
+        late = events.frames(protocol.chunk(reply, 0, "You said: hello"), protocol.status(reply, "queued"))
+        await get_channel_layer().group_send(group, late)
+        # Frames about other things still come, in order.
+        replaced = protocol.replaced(int(conversation), int(ack["user_message_id"]))
+        await get_channel_layer().group_send(group, events.frames(replaced))
+        assert await client.recv() == replaced

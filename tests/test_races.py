@@ -6,10 +6,10 @@ import time
 import uuid
 
 import pytest
-from channels.layers import get_channel_layer
 from django.db import connection, transaction
 
 from chat import services
+from chat.consumers import ChatConsumer
 from chat.models import Conversation, Message
 from chat.replies import row
 from chat.replies.row import Outcome
@@ -84,25 +84,21 @@ def test_two_resends_of_one_client_id_racing_make_one_conversation(alice, monkey
 
 
 async def test_a_channel_layer_failure_after_the_commit_leaves_no_orphan_streaming_row(alice, monkeypatch):
-    layer = get_channel_layer()
-    group_add = layer.group_add
+    subscribe = ChatConsumer._subscribe
     calls = 0
 
-    async def failing_once(group, channel):
+    async def failing_once(self, conversation_id):
         nonlocal calls
         calls += 1
         if calls == 1:
             raise ConnectionError("Redis went away")
-        await group_add(group, channel)
+        await subscribe(self, conversation_id)
 
+    monkeypatch.setattr(ChatConsumer, "_subscribe", failing_once)
     client_id = str(uuid.uuid4())
     async with Client(alice) as client:
-        monkeypatch.setattr(layer, "group_add", failing_once)  # once connected (its user group joined)
-        # Acknowledged, then the socket could not join the conversation's group: it is told, and shows nothing more.
-        assert (await client.say("[tokens=5]", client_id=client_id))["type"] == "ack"
-        answer = await client.recv()
+        answer = await client.say("[tokens=5]", client_id=client_id)
         assert answer["code"] == "internal_error" and answer["client_id"] == client_id
-        assert await client.nothing_more(0.5)
         # The reply was started before anything could fail: it ends and is saved, not left `streaming`.
         reply = await Message.objects.aget(role="assistant")
         for _ in range(50):

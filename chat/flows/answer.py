@@ -38,7 +38,7 @@ from chat.llm.context import fit_prompt, select_sources, source_budget, with_sou
 from chat.models import Message
 from chat.replies import control, running
 from chat.replies.row import Outcome, ReplyRow
-from chat.replies.stream import DeliveryError, Origin, ReplyStream
+from chat.replies.stream import DeliveryError, ReplyStream
 from chat.services import db
 from documents import search
 
@@ -389,13 +389,10 @@ async def run_answer(shared: dict[str, Any]) -> None:
             logger.exception("reply %s could not be saved", shared["reply_id"])
 
 
-def start(
-    layer: BaseChannelLayer, turn: services.Turn, ready: asyncio.Event | None = None, origin: Origin | None = None
-) -> asyncio.Task:
+def start(layer: BaseChannelLayer, turn: services.Turn, ready: asyncio.Event | None = None) -> asyncio.Task:
     """Start the answering flow for ``turn.reply`` as a task of this process.
 
-    With ``ready``, the reply's frames wait until it is set; ``origin``, the socket that asked, gets
-    them directly (see ``ReplyStream``).
+    With ``ready``, the reply's frames wait until it is set (see ``ReplyStream``).
     """
-    stream = ReplyStream(layer, turn.conversation.pk, turn.reply.pk, ready, origin)
+    stream = ReplyStream(layer, turn.conversation.pk, turn.reply.pk, ready)
     return running.spawn(turn.reply.pk, run_answer(new_store(turn, stream)))

@@ -8,16 +8,8 @@ sets ``stop_event``: the reply then ends with an error instead of streaming
 into the void.
 
 Nothing is published before ``ready`` is set: the socket that asked can start
-the model request first and acknowledge and announce meanwhile, without its
-first chunk overtaking either.
-
-The socket that asked (``origin``, in this process) is handed the reply's
-frames directly, before they are published, never through the channel layer:
-the group's copy excludes it. Its first chunk then waits neither for its own
-SUBSCRIBE, which under load queued for seconds (docs/performance.md), nor for
-Redis at all, and it hears how its reply ended even when Redis is gone. It gets
-them only while it still shows the conversation; if it leaves and comes back,
-it joins like any other socket (chat/replies/join.py), still on the direct path.
+the model request first and subscribe, acknowledge and announce meanwhile,
+without its first chunk overtaking any of them.
 """
 
 from __future__ import annotations
@@ -25,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, Protocol
+from typing import Any
 
 from channels.layers import BaseChannelLayer
 from django.conf import settings
@@ -43,27 +35,11 @@ class DeliveryError(Exception):
     """The channel layer would not take a reply's frames."""
 
 
-class Origin(Protocol):
-    """The socket that asked for a reply (``ChatConsumer``)."""
-
-    channel_name: str
-
-    async def deliver(self, conversation_id: int, frames: list[dict[str, Any]]) -> None:
-        """Show ``frames`` if the socket still shows ``conversation_id``."""
-
-
 class ReplyStream:
     def __init__(
-        self,
-        layer: BaseChannelLayer | None,
-        conversation_id: int,
-        reply_id: int,
-        ready: asyncio.Event | None = None,
-        origin: Origin | None = None,
+        self, layer: BaseChannelLayer | None, conversation_id: int, reply_id: int, ready: asyncio.Event | None = None
     ) -> None:
         self.layer = layer
-        self.conversation_id = conversation_id
-        self.origin = origin
         if ready is None:
             ready = asyncio.Event()
             ready.set()
@@ -81,17 +57,8 @@ class ReplyStream:
 
     async def send(self, *frames: dict[str, Any]) -> None:
         """Send protocol frames to every socket of the conversation, retrying a failing channel layer."""
+        event = events.frames(*frames)
         await self.ready.wait()
-        if self.origin is None:
-            await self._publish(events.frames(*frames))
-            return
-        try:
-            await self.origin.deliver(self.conversation_id, list(frames))
-        except Exception:  # noqa: BLE001 - a socket closing under us; the others must still get the frames
-            logger.warning("reply %s: its socket did not take a frame", self.reply_id, exc_info=True)
-        await self._publish(events.frames(*frames, exclude=self.origin.channel_name))
-
-    async def _publish(self, event: dict[str, Any]) -> None:
         for pause in (*RETRY_PAUSES, None):
             try:
                 await self.layer.group_send(self.group, event)
