@@ -6,7 +6,11 @@
   under load), so such a burst can pass the limit by the number racing.
 - Messages per minute per user, sign-ups per address per hour, failed logins
   per username and per address: counters in Redis (INCR in a fixed window;
-  ``retry_after`` is the time left in the window).
+  ``retry_after`` is the time left in the window). When Redis fails, they are
+  counted in this process until it answers again (logged at WARNING): logging
+  in and signing up need only PostgreSQL.
+- The address is ``client_address``'s, the same for every per-address limit
+  (TRUSTED_PROXY_HOPS).
 
 A breach raises ``RateLimited``: a `rate_limited` error frame with
 ``retry_after`` on the socket, HTTP 429 with ``Retry-After`` on a page. Every
@@ -17,6 +21,7 @@ limit is a setting (``CHAT_LIMIT_*``, ``SIGNUP_LIMIT_PER_HOUR``,
 from __future__ import annotations
 
 import functools
+import ipaddress
 import logging
 import math
 import threading
@@ -24,6 +29,9 @@ import time
 
 import redis
 from django.conf import settings
+from django.http import HttpRequest
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from chat import protocol
 from chat.models import Conversation, Message
@@ -50,11 +58,54 @@ def _redis() -> redis.Redis | None:
         # No Redis means the in-memory channel layer, which means one process: its memory is every process's.
         logger.warning("no REDIS_URL: rate limits are counted in this process only")
         return None
-    return redis.Redis.from_url(settings.REDIS_URL, socket_timeout=settings.REDIS_SOCKET_TIMEOUT)
+    # Short time-outs and no retries: a login waits at most LIMITS_REDIS_TIMEOUT for a Redis that is gone.
+    return redis.Redis.from_url(
+        settings.REDIS_URL,
+        socket_timeout=settings.LIMITS_REDIS_TIMEOUT,
+        socket_connect_timeout=settings.LIMITS_REDIS_TIMEOUT,
+        retry=Retry(NoBackoff(), 0),
+    )
 
 
-_local: dict[str, int] = {}
+# Counters kept here: without Redis, or while it fails. name -> [count, expiry (time.time())].
+_local: dict[str, list] = {}
 _local_lock = threading.Lock()
+_local_swept = 0.0
+# Until then (time.monotonic()), Redis failed and is not asked.
+_redis_down_until = 0.0
+
+
+def _client() -> redis.Redis | None:
+    return None if time.monotonic() < _redis_down_until else _redis()
+
+
+def _redis_failed(error: redis.RedisError) -> None:
+    global _redis_down_until
+    _redis_down_until = time.monotonic() + settings.LIMITS_REDIS_RETRY_SECONDS
+    logger.warning(
+        "Redis failed (%s: %s): rate limits are counted in this process only for %s s",
+        type(error).__name__,
+        error,
+        settings.LIMITS_REDIS_RETRY_SECONDS,
+    )
+
+
+def _local_hit(name: str, left: int) -> int:
+    global _local_swept
+    now = time.time()
+    with _local_lock:
+        if now - _local_swept > 60:  # ended windows go, so the counters' memory stays bounded
+            for old in [key for key, (_, expiry) in _local.items() if expiry <= now]:
+                del _local[old]
+            _local_swept = now
+        counter = _local.setdefault(name, [0, now + left])
+        counter[0] += 1
+        return counter[0]
+
+
+def _local_count(name: str) -> int:
+    with _local_lock:
+        return _local.get(name, [0])[0]
 
 
 def _window(key: str, window: int) -> tuple[str, int]:
@@ -66,26 +117,60 @@ def _window(key: str, window: int) -> tuple[str, int]:
 def hit(key: str, window: int) -> tuple[int, int]:
     """Count one event under ``key``; returns (events in this window, seconds left in it)."""
     name, left = _window(key, window)
-    client = _redis()
-    if client is None:
-        with _local_lock:
-            _local[name] = _local.get(name, 0) + 1
-            return _local[name], left
-    pipe = client.pipeline(transaction=False)
-    pipe.incr(name)
-    pipe.expire(name, window)
-    count, _ = pipe.execute()
-    return count, left
+    client = _client()
+    if client is not None:
+        try:
+            pipe = client.pipeline(transaction=False)
+            pipe.incr(name)
+            pipe.expire(name, window)
+            count, _ = pipe.execute()
+            return count, left
+        except redis.RedisError as error:  # refused, timed out, dropped: count here instead
+            _redis_failed(error)
+    return _local_hit(name, left), left
 
 
 def count(key: str, window: int) -> tuple[int, int]:
     """Events under ``key`` in the current window, and the seconds left in it (nothing counted)."""
     name, left = _window(key, window)
-    client = _redis()
-    if client is None:
-        with _local_lock:
-            return _local.get(name, 0), left
-    return int(client.get(name) or 0), left
+    client = _client()
+    if client is not None:
+        try:
+            return int(client.get(name) or 0), left
+        except redis.RedisError as error:
+            _redis_failed(error)
+    return _local_count(name), left
+
+
+# --- the client's address -----------------------------------------------------------------------
+
+
+def client_address(request: HttpRequest | None) -> str:
+    """The address that per-address limits count for ``request`` ("" if there is none).
+
+    With TRUSTED_PROXY_HOPS = 0 it is the socket's peer (REMOTE_ADDR) and X-Forwarded-For is
+    ignored. With N proxies in front of the site it is the Nth X-Forwarded-For entry from the
+    right: each proxy appends the address it saw, so entries left of that are the client's own
+    and can be anything. An IPv6 address counts as its /64, which one host usually has whole.
+    """
+    if request is None:
+        return ""
+    address = request.META.get("REMOTE_ADDR", "")
+    hops = settings.TRUSTED_PROXY_HOPS
+    if hops > 0:
+        entries = [e.strip() for e in request.META.get("HTTP_X_FORWARDED_FOR", "").split(",") if e.strip()]
+        if entries:
+            # Fewer entries than proxies: every entry was written by one of them; the leftmost is the farthest seen.
+            address = entries[-min(hops, len(entries))]
+    try:
+        parsed = ipaddress.ip_address(address)
+    except ValueError:
+        return address[:64]  # not an address (a proxy's "unknown"): still one key, bounded
+    if isinstance(parsed, ipaddress.IPv6Address):
+        if parsed.ipv4_mapped:
+            return str(parsed.ipv4_mapped)
+        return str(ipaddress.IPv6Network((int(parsed) >> 64 << 64, 64)))
+    return str(parsed)
 
 
 # --- chat turns (in begin_turn's transaction) ---------------------------------------------------
@@ -120,32 +205,37 @@ def check_turn(user, client_id: str | None, *, new_conversation: bool) -> None:
 
 # --- pages --------------------------------------------------------------------------------------
 
-LOGIN_WINDOW = 15 * 60
+
+def _login_keys(username: str | None, request: HttpRequest | None) -> list[tuple[str, int]]:
+    keys = []
+    if username:
+        keys.append((f"login:user:{username[:150].lower()}", settings.LOGIN_FAILURES_PER_USERNAME))
+    address = client_address(request)
+    if address:
+        keys.append((f"login:addr:{address}", settings.LOGIN_FAILURES_PER_ADDRESS))
+    return keys
 
 
-def login_blocked(username: str, address: str) -> int | None:
-    """Seconds to wait if this username or address has failed to log in too often, else None."""
-    for key, most in (
-        (f"login:user:{username.lower()}", settings.LOGIN_FAILURES_PER_USERNAME),
-        (f"login:addr:{address}", settings.LOGIN_FAILURES_PER_ADDRESS),
-    ):
-        failed, left = count(key, LOGIN_WINDOW)
+def login_blocked(username: str | None, request: HttpRequest | None) -> int | None:
+    """Seconds to wait if this username or the request's address has failed to log in too often, else None."""
+    for key, most in _login_keys(username, request):
+        failed, left = count(key, settings.LOGIN_FAILURES_WINDOW)
         if most and failed >= most:
             return left
     return None
 
 
-def login_failed(username: str, address: str) -> None:
-    hit(f"login:user:{username.lower()}", LOGIN_WINDOW)
-    hit(f"login:addr:{address}", LOGIN_WINDOW)
+def login_failed(username: str | None, request: HttpRequest | None) -> None:
+    for key, _ in _login_keys(username, request):
+        hit(key, settings.LOGIN_FAILURES_WINDOW)
 
 
-def signup_blocked(address: str) -> int | None:
-    """Seconds to wait if this address has made SIGNUP_LIMIT_PER_HOUR accounts this hour, else None."""
-    made, left = count(f"signup:{address}", 3600)
+def signup_blocked(request: HttpRequest) -> int | None:
+    """Seconds to wait if the request's address has made SIGNUP_LIMIT_PER_HOUR accounts this hour, else None."""
+    made, left = count(f"signup:{client_address(request)}", 3600)
     most = settings.SIGNUP_LIMIT_PER_HOUR
     return left if most and made >= most else None
 
 
-def signed_up(address: str) -> None:
-    hit(f"signup:{address}", 3600)
+def signed_up(request: HttpRequest) -> None:
+    hit(f"signup:{client_address(request)}", 3600)

@@ -11,7 +11,7 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_http_methods, require_POST
 
-from chat import limits, protocol, sidebar
+from chat import limits, logins, protocol, sidebar
 from chat.models import Conversation, Feedback, Message
 
 
@@ -57,24 +57,16 @@ def _too_many(request: HttpRequest, template: str, form, wait: int, message: str
     return response
 
 
-def _address(request: HttpRequest) -> str:
-    # Behind a reverse proxy, run daphne with --proxy-headers so this is the client's address.
-    return request.META.get("REMOTE_ADDR", "")
-
-
 class LoginView(auth_views.LoginView):
-    """Django's login, with failed attempts limited per username and per address (chat/limits.py)."""
+    """Django's login; over the failed-login limits (chat/logins.py) it shows its form again with a 429."""
 
     def post(self, request: HttpRequest, *args, **kwargs) -> HttpResponse:
-        wait = limits.login_blocked(request.POST.get("username", "")[:150], _address(request))
-        if wait is not None:
-            message = f"Too many failed attempts. Try again in {wait // 60 + 1} minutes."
-            return _too_many(request, self.template_name, self.get_form(), wait, message)
-        return super().post(request, *args, **kwargs)
-
-    def form_invalid(self, form) -> HttpResponse:
-        limits.login_failed(self.request.POST.get("username", "")[:150], _address(self.request))
-        return super().form_invalid(form)
+        try:
+            return super().post(request, *args, **kwargs)
+        except logins.LoginThrottled as refused:
+            # An unbound form: rendering a bound one would validate it, which authenticates again.
+            form = self.get_form_class()(request, initial={"username": request.POST.get("username", "")})
+            return _too_many(request, self.template_name, form, refused.retry_after, str(refused))
 
 
 @require_http_methods(["GET", "POST"])
@@ -83,14 +75,14 @@ def signup(request: HttpRequest) -> HttpResponse:
         return redirect("chat:home")
     form = UserCreationForm(request.POST or None)
     if request.method == "POST":
-        wait = limits.signup_blocked(_address(request))
+        wait = limits.signup_blocked(request)
         if wait is not None:
             message = f"Too many accounts were made from your address. Try again in {wait // 60 + 1} minutes."
             return _too_many(request, "registration/signup.html", form, wait, message)
         if form.is_valid():
             user = form.save()
-            limits.signed_up(_address(request))
-            login(request, user)
+            limits.signed_up(request)
+            login(request, user, backend="django.contrib.auth.backends.ModelBackend")
             return redirect("chat:home")
     return render(request, "registration/signup.html", {"form": form})
 

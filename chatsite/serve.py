@@ -17,6 +17,9 @@ APPLICATION = "chatsite.asgi:application"
 
 
 def main(argv: list[str]) -> None:
+    if any(arg.startswith("--proxy-headers") for arg in argv):
+        # daphne would take X-Forwarded-For's leftmost entry, which the client writes itself.
+        sys.exit("chatsite.serve: no --proxy-headers; set TRUSTED_PROXY_HOPS instead (README, Deploying)")
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "chatsite.settings")
     from django.conf import settings
 

@@ -93,7 +93,10 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "chat.logins.LoginThrottleMiddleware",  # a throttled login on any page is a 429
 ]
+# Every authenticate() call meets the failed-login limits first (chat/logins.py).
+AUTHENTICATION_BACKENDS = ["chat.logins.LoginThrottle", "django.contrib.auth.backends.ModelBackend"]
 
 ROOT_URLCONF = "chatsite.urls"
 TEMPLATES = [
@@ -199,8 +202,17 @@ CHAT_LIMIT_CONCURRENT_REPLIES = env_int("CHAT_LIMIT_CONCURRENT_REPLIES", 3)
 CHAT_LIMIT_MESSAGES_PER_MINUTE = env_int("CHAT_LIMIT_MESSAGES_PER_MINUTE", 20)
 CHAT_LIMIT_CONVERSATIONS = env_int("CHAT_LIMIT_CONVERSATIONS", 5000)
 SIGNUP_LIMIT_PER_HOUR = env_int("SIGNUP_LIMIT_PER_HOUR", 5)
-LOGIN_FAILURES_PER_USERNAME = env_int("LOGIN_FAILURES_PER_USERNAME", 5)  # per 15 minutes
-LOGIN_FAILURES_PER_ADDRESS = env_int("LOGIN_FAILURES_PER_ADDRESS", 20)  # per 15 minutes
+LOGIN_FAILURES_PER_USERNAME = env_int("LOGIN_FAILURES_PER_USERNAME", 5)  # per window
+LOGIN_FAILURES_PER_ADDRESS = env_int("LOGIN_FAILURES_PER_ADDRESS", 20)  # per window
+LOGIN_FAILURES_WINDOW = env_int("LOGIN_FAILURES_WINDOW", 15 * 60)  # seconds, a fixed window
+# Proxies in front of the site that each append to X-Forwarded-For: the client's address is the
+# header's Nth entry from the right (entries left of it are the client's own). 0: the socket's
+# peer, and the header is ignored. Never run daphne with --proxy-headers (README, "Deploying").
+TRUSTED_PROXY_HOPS = env_int("TRUSTED_PROXY_HOPS", 0)
+# The limits' Redis calls wait this long; when Redis fails, limits are counted in the process
+# itself, and Redis is tried again after LIMITS_REDIS_RETRY_SECONDS.
+LIMITS_REDIS_TIMEOUT = env_float("LIMITS_REDIS_TIMEOUT", 1.0)
+LIMITS_REDIS_RETRY_SECONDS = env_float("LIMITS_REDIS_RETRY_SECONDS", 5.0)
 # Deltas are coalesced for this long before crossing the channel layer.
 CHAT_COALESCE_SECONDS = env_float("CHAT_COALESCE_SECONDS", 0.05)
 # A streaming reply is written to the database at least this often.
