@@ -1,11 +1,16 @@
 """Failed-login and sign-up limits (chat/logins.py, chat/limits.py): on every login path, per the
 address TRUSTED_PROXY_HOPS names, and with Redis gone."""
 
+import http.cookiejar
 import logging
 import os
+import re
 import signal
 import socket
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 
 import pytest
 import redis
@@ -18,7 +23,7 @@ from django.urls import URLResolver, get_resolver
 
 from chat import limits, logins
 from chatsite import embedded, serve
-from tests.servers import free_port
+from tests.servers import PASSWORD, USERNAME, free_port
 
 pytestmark = pytest.mark.django_db
 
@@ -31,6 +36,12 @@ def log_in(client, path: str, username: str, password: str, **headers):
     return client.post(path, {"username": username, "password": password}, **headers)
 
 
+@pytest.fixture(autouse=True)
+def long_window(settings):
+    """Windows are fixed: a day-long one is not crossed by a test (the window test sets its own)."""
+    settings.LOGIN_FAILURES_WINDOW = 24 * 3600
+
+
 @pytest.fixture
 def staff(django_user_model):
     return django_user_model.objects.create_user("stella", password="right-pass-123", is_staff=True, is_superuser=True)
@@ -41,13 +52,13 @@ def staff(django_user_model):
 
 def test_admin_login_meets_the_limit_and_then_refuses_the_right_password_until_the_window_ends(client, settings, staff):
     settings.LOGIN_FAILURES_PER_USERNAME = 3
-    settings.LOGIN_FAILURES_WINDOW = 4
-    if 4 - time.time() % 4 < 2.5:  # the window is fixed: start near its beginning
-        time.sleep(4 - time.time() % 4)
+    settings.LOGIN_FAILURES_WINDOW = 12
+    if 12 - time.time() % 12 < 9:  # the window is fixed: start near its beginning (each guess hashes a password)
+        time.sleep(12 - time.time() % 12)
     for _ in range(3):
         assert fail(client, "/admin/login/", "stella") == 200
     refused = log_in(client, "/admin/login/", "stella", "right-pass-123")
-    assert refused.status_code == 429 and 0 < int(refused["Retry-After"]) <= 4
+    assert refused.status_code == 429 and 0 < int(refused["Retry-After"]) <= 12
     assert b"Too many failed attempts" in refused.content
     assert "_auth_user_id" not in client.session
     time.sleep(int(refused["Retry-After"]))
@@ -194,6 +205,42 @@ def test_two_addresses_of_one_ipv6_host_share_the_limit(client, settings, django
         assert fail(client, "/accounts/login/", f"name{i}", REMOTE_ADDR=f"2001:db8:1:2::{i + 1}") == 200
     refused = log_in(client, "/accounts/login/", "wes", "right-pass-123", REMOTE_ADDR="2001:db8:1:2::99")
     assert refused.status_code == 429
+
+
+def post_through_daphne(port: int, path: str, username: str, password: str, forwarded_for: str) -> int:
+    """A browser's login post (its CSRF cookie and token) to a real daphne process, X-Forwarded-For spoofed."""
+
+    class Stay(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args, **kwargs):
+            return None  # a login's 302 is the answer, not a page to follow
+
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()), Stay)
+    page = opener.open(f"http://127.0.0.1:{port}{path}").read().decode()
+    token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page).group(1)
+    form = urllib.parse.urlencode({"username": username, "password": password, "csrfmiddlewaretoken": token})
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}{path}", form.encode(), {"X-Forwarded-For": forwarded_for}
+    )
+    try:
+        return opener.open(request).status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+@pytest.mark.e2e
+def test_daphne_as_served_counts_the_peer_not_a_spoofed_forwarded_for(site):
+    """The site as chatsite.serve runs it (TRUSTED_PROXY_HOPS unset): 20 failures per address, from
+    both processes, each with another leftmost X-Forwarded-For, and then the right password waits."""
+    try:
+        for i in range(20):
+            port = site.ports[i % 2]
+            assert post_through_daphne(port, "/admin/login/", f"guess{i}", "wrong", f"198.51.100.{i}") == 200
+        assert post_through_daphne(site.ports[0], "/accounts/login/", USERNAME, PASSWORD, "198.51.100.99") == 429
+    finally:  # the site outlives this test: its other tests log in from this address too
+        client = redis.Redis.from_url(site.env["REDIS_URL"])
+        for key in client.scan_iter("limit:*"):
+            client.delete(key)
+    assert post_through_daphne(site.ports[0], "/accounts/login/", USERNAME, PASSWORD, "198.51.100.99") == 302
 
 
 def test_serve_refuses_daphnes_proxy_headers():
