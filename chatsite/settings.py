@@ -12,6 +12,7 @@ import secrets
 from pathlib import Path
 
 import dj_database_url
+from csp.constants import NONE, SELF
 
 from chatsite import embedded
 
@@ -87,6 +88,7 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    "csp.middleware.CSPMiddleware",  # early, so that every response carries the policy
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -97,6 +99,22 @@ MIDDLEWARE = [
 ]
 # Every authenticate() call meets the failed-login limits first (chat/logins.py).
 AUTHENTICATION_BACKENDS = ["chat.logins.LoginThrottle", "django.contrib.auth.backends.ModelBackend"]
+
+# Content-Security-Policy on every response (django-csp): scripts, styles, images, sockets and form
+# posts only from this site (CSP's 'self' also covers ws:/wss: to this host), no inline script or
+# style, no plugins, never framed. A reply's text may carry a prompt injection: even markup that got
+# past the sanitiser (static/chat/render.js) can then fetch nothing from another server.
+CONTENT_SECURITY_POLICY = {
+    "DIRECTIVES": {
+        "default-src": [SELF],
+        "img-src": [SELF, "data:"],
+        "connect-src": [SELF],
+        "object-src": [NONE],
+        "base-uri": [SELF],
+        "form-action": [SELF],
+        "frame-ancestors": [NONE],
+    },
+}
 
 ROOT_URLCONF = "chatsite.urls"
 TEMPLATES = [

@@ -3,6 +3,9 @@
 import os
 import re
 import shutil
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -42,13 +45,16 @@ def logged_in(browser, port: int, then: str = "/", **options):
     """A new browser context (``options``: Playwright's, a desktop window by default) logged in
     through the form, on ``then``."""
     context = browser.new_context(**{"viewport": {"width": 1100, "height": 700}, **options})
-    page = context.new_page()
+    return context, log_in(context.new_page(), port, then)
+
+
+def log_in(page, port: int, then: str = "/"):
     page.goto(f"http://127.0.0.1:{port}/accounts/login/?next={then}")
     page.fill("#id_username", USERNAME)
     page.fill("#id_password", PASSWORD)
     page.click("button[type=submit]")
     page.wait_for_load_state()  # the page's scripts run: keys typed before would not reach them
-    return context, page
+    return page
 
 
 def test_log_in_chat_stream_reload_and_other_tab(site, browser):
@@ -423,4 +429,251 @@ def test_a_refused_message_says_why_and_is_sent_again_with_retry(site, browser):
     expect(fourth.locator(".message.assistant").last).to_have_text("t0 t1 ")
     expect(mine).to_have_attribute("data-status", "complete")
     expect(fourth).to_have_url(re.compile(r"/c/\d+/$"))
+    context.close()
+
+
+class Elsewhere:
+    """Another origin: an HTTP server on another loopback address that answers every GET with a
+    1x1 GIF and records the path, so a test sees whatever a page fetched from it."""
+
+    GIF = bytes.fromhex("47494638396101000100800000000000ffffff21f90401000000002c00000000010001000002024401003b")
+
+    def __init__(self) -> None:
+        self.paths: list[str] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                outer.paths.append(self.path)
+                self.send_response(200)
+                self.send_header("Content-Type", "image/gif")
+                self.send_header("Content-Length", str(len(outer.GIF)))
+                self.end_headers()
+                self.wfile.write(outer.GIF)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.2", 0), Handler)
+        self.url = f"http://127.0.0.2:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def saw(self, wanted: set[str], page, timeout: float = 10) -> set[str]:
+        """The wanted paths asked for, once all were (or when ``timeout`` is up). Waits on ``page``,
+        so that Playwright delivers the page's events meanwhile."""
+        deadline = time.monotonic() + timeout
+        while not wanted <= set(self.paths) and time.monotonic() < deadline:
+            page.wait_for_timeout(50)
+        page.wait_for_timeout(100)
+        return wanted & set(self.paths)
+
+
+@pytest.fixture
+def elsewhere():
+    server = Elsewhere()
+    yield server
+    server.close()
+
+
+def watch_requests(context) -> list[str]:
+    """Every URL the context's pages ask for, as the browser sends it."""
+    asked: list[str] = []
+    context.on("request", lambda request: asked.append(request.url))
+    return asked
+
+
+def rewrite_render_js(context, replacements: dict[str, str]) -> None:
+    """Serve static/chat/render.js with ``replacements`` made (each must be there), to take one of
+    the page's defences away in a test."""
+
+    def handle(route) -> None:
+        response = route.fetch()
+        body = response.text()
+        for old, new in replacements.items():
+            assert old in body, f"render.js no longer has {old!r}"
+            body = body.replace(old, new)
+        route.fulfill(response=response, body=body)
+
+    context.route("**/static/chat/render.js", handle)
+
+
+def reply_to(page, text: str):
+    page.fill("#input", text)
+    page.keyboard.press("Enter")
+    reply = page.locator(".message.assistant").last
+    expect(reply).to_have_attribute("data-status", "complete")
+    return reply
+
+
+def test_a_markdown_image_in_a_reply_is_a_link_and_is_never_fetched(site, browser, elsewhere):
+    """The renderer alone: DOMPurify is made to keep <img src> and the page's CSP is bypassed, so an
+    <img> made from the markdown would be fetched; the image rule makes it a link instead."""
+    context, page = logged_in(browser, site.ports[0], bypass_csp=True)
+    asked = watch_requests(context)
+    rewrite_render_js(
+        context, {"ALLOWED_TAGS: [": 'ALLOWED_TAGS: ["img", ', "ALLOWED_ATTR: [": 'ALLOWED_ATTR: ["src", '}
+    )
+    page.reload()
+    url = f"{elsewhere.url}/cat.png?q=what+the+conversation+said"
+    reply = reply_to(page, f"Look: ![a cat]({url}) and more")
+    page.wait_for_timeout(1000)
+    assert elsewhere.paths == []
+    link = reply.locator("a.image-link")
+    expect(link).to_have_text("Image: a cat")
+    expect(link).to_have_attribute("href", url)
+    expect(link).to_have_attribute("rel", "noopener noreferrer nofollow")
+    expect(reply.locator("img")).to_have_count(0)
+    page.screenshot(path=SCREENSHOTS / "image-as-link.png")
+    # The control: in this context, an <img> that reaches the page is fetched, and would be seen.
+    page.evaluate("url => document.body.append(Object.assign(new Image(), {src: url}))", f"{elsewhere.url}/control")
+    assert elsewhere.saw({"/control"}, page) == {"/control"}
+    assert elsewhere.paths == ["/control"]
+    assert [u for u in asked if u.startswith(elsewhere.url)] == [f"{elsewhere.url}/control"]
+    context.close()
+
+
+# Markup that makes a browser fetch, each piece from its own path (the Content-Security-Policy
+# names the same kinds: img, media, object, frame, style).
+FETCHING_MARKUP = {
+    "/img": '<img src="{u}/img">',
+    "/srcset": '<img srcset="{u}/srcset 1x" alt="s">',
+    "/picture": '<picture><source srcset="{u}/picture"><img alt="p"></picture>',
+    "/poster": '<video poster="{u}/poster"></video>',
+    "/video": '<video src="{u}/video" preload="auto"></video>',
+    "/audio": '<audio src="{u}/audio" preload="auto"></audio>',
+    "/object": '<object data="{u}/object"></object>',
+    "/embed": '<embed src="{u}/embed">',
+    "/iframe": '<iframe src="{u}/iframe"></iframe>',
+    "/link": '<link rel="stylesheet" href="{u}/link">',
+    "/background": '<table background="{u}/background"><tr><td>cell</td></tr></table>',
+    "/svg-image": '<svg width="9" height="9"><image href="{u}/svg-image" width="9" height="9"></image></svg>',
+    "/style": '<span style="background-image: url({u}/style)">styled</span>',
+    "/input": '<input type="image" src="{u}/input" alt="i">',
+}
+
+
+def test_dompurify_alone_lets_nothing_in_a_reply_fetch_from_elsewhere(site, browser, elsewhere):
+    """DOMPurify alone: markdown-it's ``html`` is turned on, so the reply's raw HTML reaches DOMPurify
+    untouched (the image rule only sees markdown images), and the page's CSP is bypassed."""
+    context, page = logged_in(browser, site.ports[0], bypass_csp=True)
+    asked = watch_requests(context)
+    rewrite_render_js(context, {"markdownit({html: false,": "markdownit({html: true,"})
+    page.reload()
+    markup = " ".join(piece.format(u=elsewhere.url) for piece in FETCHING_MARKUP.values())
+    reply = reply_to(page, f"Here: {markup} <strong>bold</strong> end")
+    expect(reply.locator(".body strong")).to_have_text("bold")  # raw HTML reached DOMPurify, which kept this
+    page.wait_for_timeout(1000)
+    assert elsewhere.paths == []
+    assert not [u for u in asked if u.startswith(elsewhere.url)]
+    kept = reply.locator(".body img, .body video, .body audio, .body svg, .body [style], .body [background]")
+    assert kept.count() == 0
+    # The control: the same markup put in the page unsanitised is fetched, every piece of it.
+    page.evaluate("html => document.body.insertAdjacentHTML('beforeend', html)", markup)
+    assert elsewhere.saw(set(FETCHING_MARKUP), page) == set(FETCHING_MARKUP)
+    context.close()
+
+
+def record_violations(context) -> list[dict]:
+    """The Content-Security-Policy violations the context's pages report, and the console's word on them."""
+    seen: list[dict] = []
+    context.expose_function("reportViolation", lambda violation: seen.append(violation))
+    context.add_init_script(
+        "document.addEventListener('securitypolicyviolation', (e) => window.reportViolation("
+        "{page: location.pathname, directive: e.effectiveDirective, blocked: e.blockedURI}))"
+    )
+    context.on(
+        "console",
+        lambda message: "Content Security Policy" in message.text and seen.append({"console": message.text}),
+    )
+    return seen
+
+
+def test_the_policy_refuses_what_gets_past_and_nothing_the_pages_need(site, browser, elsewhere):
+    """With the policy on (no bypass): the pages work with nothing reported (the chat page's socket,
+    highlighted code, the documents page, the admin's scripts), and markup put straight into the page
+    (past the sanitiser) loads nothing from elsewhere and runs no inline script."""
+    port = site.ports[0]
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    context = browser.new_context(viewport={"width": 1100, "height": 700})
+    violations = record_violations(context)
+    page = context.new_page()
+    response = page.goto(f"http://127.0.0.1:{port}/accounts/login/")
+    assert "default-src 'self'" in response.headers["content-security-policy"]
+    log_in(page, port)
+    expect(page.locator("#connection-state")).to_have_text("Connected")  # the socket: connect-src 'self'
+    expect(reply_to(page, "Hello under the policy [tokens=5]").locator(".body")).to_have_text("t0 t1 t2 t3 t4 ")
+    reply = reply_to(page, "Show me how to read a file [markdown]")
+    expect(reply.locator("code.hljs .hljs-keyword").first).to_have_text("def")
+    assert reply.locator("code.hljs .hljs-keyword").first.evaluate("e => getComputedStyle(e).color") != (
+        reply.locator("code.hljs").evaluate("e => getComputedStyle(e).color")
+    )  # the highlight.js style sheet applied
+    page.get_by_role("button", name="Dark theme").click()  # the theme script, from its own file
+    page.reload()
+    expect(page.locator("html")).to_have_attribute("data-theme", "dark")
+    page.screenshot(path=SCREENSHOTS / "csp-chat.png")
+    page.goto(f"http://127.0.0.1:{port}/documents/")
+    expect(page.locator("#documents-page h1")).to_have_text("Your documents")
+    page.screenshot(path=SCREENSHOTS / "csp-documents.png")
+    page.goto(f"http://127.0.0.1:{port}/accounts/signup/")
+    assert violations == []
+
+    # The policy alone: markup that skipped the sanitiser loads nothing and runs nothing.
+    page.goto(f"http://127.0.0.1:{port}/")
+    page.evaluate(
+        """u => {
+            document.body.insertAdjacentHTML("beforeend", `<img src="${u}/img"><iframe src="${u}/frame"></iframe>`
+              + `<object data="${u}/object"></object><span style="background: url(${u}/style)">s</span>`);
+            const script = document.createElement("script");
+            script.textContent = "window.inlineRan = true";
+            document.body.append(script);
+        }""",
+        elsewhere.url,
+    )
+    expected = {"img-src", "frame-src", "object-src", "script-src-elem", "style-src-attr"}
+    deadline = time.monotonic() + 10
+    while not expected <= {v.get("directive") for v in violations} and time.monotonic() < deadline:
+        page.wait_for_timeout(100)
+    assert {v.get("directive") for v in violations if "directive" in v} == expected
+    assert page.evaluate("window.inlineRan") is None
+    page.wait_for_timeout(500)
+    assert elsewhere.paths == []
+    context.close()
+
+    # The admin, its scripts included, works under the same policy.
+    staff = "staff-" + USERNAME
+    make_staff = f"User.objects.create_superuser({staff!r}, password={PASSWORD!r})"
+    site.manage("shell", "-c", "from django.contrib.auth.models import User; "
+                f"User.objects.filter(username={staff!r}).exists() or {make_staff}")  # fmt: skip
+    context = browser.new_context(viewport={"width": 1280, "height": 800})
+    violations = record_violations(context)
+    admin = context.new_page()
+    admin.goto(f"http://127.0.0.1:{port}/admin/chat/conversation/")
+    admin.fill("#id_username", staff)
+    admin.fill("#id_password", PASSWORD)
+    admin.click("input[type=submit]")
+    expect(admin.locator("#result_list")).to_contain_text("Hello under the policy")
+    admin.click("#action-toggle")  # actions.js: select all, and the counter says so
+    expect(admin.locator(".action-counter")).to_contain_text("selected")
+    expect(admin.locator("#result_list .action-select").first).to_be_checked()
+    admin.screenshot(path=SCREENSHOTS / "csp-admin-changelist.png")
+    # A conversation's change form, with its messages.
+    admin.locator("#result_list tbody th a", has_text="Hello under the policy").click()
+    expect(admin.locator("#content h1")).to_contain_text("Change conversation")
+    expect(admin.locator(".inline-group")).to_contain_text("t0 t1 t2 t3 t4")
+    admin.goto(f"http://127.0.0.1:{port}/admin/auth/user/")
+    admin.locator("#result_list tbody th a", has_text=staff).click()
+    # SelectFilter2.js builds the two-box picker; DateTimeShortcuts.js adds "Today" and "Now".
+    expect(admin.locator("#id_user_permissions_filter")).to_be_visible()
+    expect(admin.locator(".datetimeshortcuts").first).to_contain_text("Today")
+    admin.locator("#id_user_permissions_input").press_sequentially("feedback")  # it filters on keyup
+    expect(admin.locator("#id_user_permissions_from option").first).to_contain_text("feedback")
+    admin.screenshot(path=SCREENSHOTS / "csp-admin-change-form.png", full_page=True)
+    admin.goto(f"http://127.0.0.1:{port}/admin/chat/feedback/")  # the site's own admin template
+    expect(admin.locator("#feedback-per-model caption")).to_be_visible()
+    admin.screenshot(path=SCREENSHOTS / "csp-admin-feedback.png")
+    assert violations == []
     context.close()

