@@ -611,3 +611,37 @@ def test_admin_lists_documents_with_their_state_and_links_to_their_chunks(client
     assert f"?document__id__exact={document.pk}" in page and "2 chunks" in page
     chunks = client.get(f"/admin/documents/chunk/?document__id__exact={document.pk}").content.decode()
     assert "Pump manual › Cleaning" in chunks
+
+
+def test_the_versions_migration_keeps_what_was_searched_and_what_was_not(alice):
+    from django.db.migrations.executor import MigrationExecutor
+
+    before, after = [("documents", "0001_initial")], [("documents", "0002_versions_and_upload_quota")]
+    MigrationExecutor(connection).migrate(before)
+    try:
+        old = MigrationExecutor(connection).loader.project_state(before).apps
+        OldDocument, OldFile, OldChunk = (old.get_model("documents", m) for m in ("Document", "DocumentFile", "Chunk"))  # noqa: N806
+
+        def make(source: str, status: str, chunks: int):
+            document = OldDocument.objects.create(
+                owner_id=alice.pk, title=source, source=source, mime_type="text/plain", size=10,
+                content_hash=hashlib.sha256(source.encode()).hexdigest(),
+                status=status, chunk_count=chunks, embedding_model=LOCAL_MODEL_NAME,
+            )  # fmt: skip
+            OldFile.objects.create(document=document, data=b"x", text="" if status != "ready" else "Old text.")
+            for ordinal in range(chunks):
+                OldChunk.objects.create(
+                    document=document, ordinal=ordinal, text="Old text.", token_count=2, char_start=0, char_end=9,
+                    embedding=[0.1] * EMBEDDING_DIMENSIONS,
+                )  # fmt: skip
+            return document.pk
+
+        ready = make("ready.txt", "ready", 1)
+        # A re-upload under the old code: its old chunks hidden, its text already blanked.
+        requeued = make("requeued.txt", "queued", 1)
+        failed = make("failed.txt", "failed", 0)
+    finally:
+        MigrationExecutor(connection).migrate(after)
+    live = dict(Document.objects.values_list("pk", "live_hash"))
+    assert live == {ready: hashlib.sha256(b"ready.txt").hexdigest(), requeued: "", failed: ""}
+    assert search.scope(alice.pk).document_ids == [ready]  # searched before, and only it
