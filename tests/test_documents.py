@@ -295,6 +295,72 @@ def test_a_store_that_fails_half_way_leaves_the_live_version_whole(
     assert cited(client, alice, hits[0])["passage"] == hits[0].text
 
 
+def wait_for_lock_wait(sql_start: str) -> None:
+    """Until a backend whose statement matches ``sql_start`` (a regex) waits on a lock (the race is forced)."""
+    for _ in range(400):
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query ~ %s",
+                ["^" + sql_start],
+            )
+            if cursor.fetchone()[0]:
+                return
+        time.sleep(0.05)
+    raise AssertionError(f"no backend waited on a lock in {sql_start!r}")
+
+
+def test_an_upload_during_a_store_waits_for_it_and_keeps_the_version_it_stored(alice):
+    ingest(alice, "manual.md", MANUAL)
+    with transaction.atomic():
+        document = services.register(alice, "manual.md", SECOND_EDITION).document
+    third = SECOND_EDITION.replace(b"C-55", b"D-80")
+    locked, release = threading.Event(), threading.Event()
+
+    def hold_the_file_row() -> None:  # so Store stops half-way, holding the document's row
+        try:
+            with transaction.atomic():
+                DocumentFile.objects.select_for_update().filter(pk=document.pk).get()
+                locked.set()
+                release.wait(30)
+        finally:
+            connection.close()
+
+    def run(target, *args) -> threading.Thread:
+        def body() -> None:
+            try:
+                target(*args)
+            finally:
+                connection.close()
+
+        thread = threading.Thread(target=body)
+        thread.start()
+        return thread
+
+    def register_third() -> None:
+        with transaction.atomic():
+            services.register(alice, "manual.md", third)
+
+    holder = run(hold_the_file_row)
+    assert locked.wait(10)
+    try:
+        storing = run(services.ingest, document.pk)
+        wait_for_lock_wait('UPDATE "documents_documentfile"')  # Store, inside its transaction
+        uploading = run(register_third)
+        wait_for_lock_wait('(SELECT|UPDATE) "documents_document"')  # the upload, waiting for Store's row lock
+    finally:
+        release.set()
+        holder.join(30)
+    storing.join(30)
+    uploading.join(30)
+    document.refresh_from_db()
+    # The second edition was stored and is live; the third waits for its own run.
+    assert document.live_hash == hashlib.sha256(SECOND_EDITION).hexdigest()
+    assert document.content_hash == hashlib.sha256(third).hexdigest() and document.status == Document.Status.QUEUED
+    assert document.title == "Pump manual, second edition" and document.chunk_count == document.chunks.count()
+    texts = " ".join(h.text for h in found(alice))
+    assert "C-55" in texts and "A-17" not in texts and "D-80" not in texts
+
+
 def test_a_document_without_a_live_version_is_never_searched_even_with_chunk_rows(client, alice):
     with transaction.atomic():
         document = services.register(alice, "manual.md", MANUAL).document
