@@ -200,8 +200,9 @@ def add_copies() -> None:
         for doc in shared:
             twin = Document.objects.create(
                 owner=owner, title=doc.title, source=f"copy{copy}/{doc.source}", content_hash=doc.content_hash,
-                mime_type=doc.mime_type, size=doc.size, status="ready", chunk_count=doc.chunk_count,
-                embedding_model=doc.embedding_model, embedding_dimensions=doc.embedding_dimensions,
+                live_hash=doc.live_hash, mime_type=doc.mime_type, size=doc.size, status="ready",
+                chunk_count=doc.chunk_count, embedding_model=doc.embedding_model,
+                embedding_dimensions=doc.embedding_dimensions,
             )  # fmt: skip
             with connection.cursor() as cursor:
                 cursor.execute(

@@ -265,7 +265,8 @@ def document(doc: Any, stage: str = "", done: int = 0, total: int = 0) -> dict[s
     """A document's state, pushed to its owner's sockets while it is ingested (an addition to v1).
 
     ``stage``: "queued", "processing", "parsed", "embedding" (``done`` of ``total`` chunks), "ready"
-    or "failed"; ``document.status`` is the stored status.
+    or "failed"; ``document.status`` is the stored status of its latest upload; ``document.live``:
+    a version of it is searched (the previous one while a new one is on its way, or failed).
     """
     return {
         "type": "document",
@@ -273,6 +274,7 @@ def document(doc: Any, stage: str = "", done: int = 0, total: int = 0) -> dict[s
             "id": str(doc.pk),
             "title": doc.title,
             "status": doc.status,
+            "live": bool(doc.live_hash),
             "chunk_count": doc.chunk_count,
             "error": doc.error or None,
         },

@@ -292,6 +292,10 @@ DATA_UPLOAD_MAX_NUMBER_FILES = 20
 # Text extracted from one document: beyond this it fails as too long (a 20 MB PDF of text is ~15M chars).
 DOCUMENTS_MAX_CHARS = env_int("DOCUMENTS_MAX_CHARS", 5_000_000)
 DOCUMENTS_LIMIT_PER_USER = env_int("DOCUMENTS_LIMIT_PER_USER", 1000)
+# New versions one user may upload per 24 hours, in files and bytes (0: no limit); unchanged files
+# do not count (documents/quota.py). Beyond, the upload is refused with 429 and when there is room.
+DOCUMENTS_QUOTA_FILES_PER_DAY = env_int("DOCUMENTS_QUOTA_FILES_PER_DAY", 200)
+DOCUMENTS_QUOTA_BYTES_PER_DAY = env_int("DOCUMENTS_QUOTA_BYTES_PER_DAY", 500 * 1024 * 1024)
 DOCUMENTS_MAX_PDF_PAGES = env_int("DOCUMENTS_MAX_PDF_PAGES", 2000)
 # Chunks, in the embedder's own tokens. MiniLM reads at most 256 tokens (and was trained on
 # 128): 200 leaves room for the heading path that is embedded with each chunk.

@@ -9,10 +9,11 @@ from documents.models import Chunk, Document
 class DocumentAdmin(admin.ModelAdmin):
     list_display = ("title", "owner", "status", "chunk_count", "mime_type", "size", "embedding_model", "updated_at")
     list_filter = ("status", "mime_type", "embedding_model", ("owner", admin.EmptyFieldListFilter))
-    search_fields = ("title", "source", "owner__username", "content_hash")
+    search_fields = ("title", "source", "owner__username", "content_hash", "live_hash")
     readonly_fields = (
         "chunks",
         "content_hash",
+        "live_hash",
         "size",
         "mime_type",
         "status",

@@ -10,7 +10,7 @@ def embedding_model_matches(app_configs, **kwargs) -> list[checks.CheckMessage]:
     from documents.models import Document
 
     try:
-        stale = Document.objects.exclude(embedding_model="").exclude(embedding_model=configured_model_name()).count()
+        stale = Document.objects.waiting_for_reembed().count()
     except DatabaseError:
         return []  # not migrated yet
     if not stale:

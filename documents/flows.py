@@ -5,8 +5,9 @@
 
 Each node does one step; a step that cannot go on routes to Fail with a reason
 for the document's owner. Store is the only node that makes chunks visible,
-in one transaction with the document's status, so a document's chunks appear
-all together or not at all. The flow is synchronous: it runs in a worker
+in one transaction with the document's status and live version, so a
+version's chunks appear all together or not at all, and replace the previous
+version's at once. Fail leaves a previous version as it was. The flow is synchronous: it runs in a worker
 process (documents/tasks.py) or in ``manage.py ingest``, never on an event loop.
 """
 
@@ -15,10 +16,10 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from pathlib import PurePath
 from typing import Any
 
 from django.db import transaction
+from django.db.models.functions import Length
 from pocketflow import Flow, Node
 
 from documents import parsing, splitting
@@ -125,8 +126,13 @@ class Embed(_Step):
         return vectors
 
 
+# Chunks inserted per statement by Store.
+STORE_BATCH = 500
+
+
 class Store(_Step):
-    """The new chunks replace the old ones, and the document becomes ready, in one transaction."""
+    """The new version replaces the live one whole, in one transaction: its chunks, its text, its
+    title, and the document becomes ready. Until it commits, searches see the old version."""
 
     result = "document"
 
@@ -140,7 +146,7 @@ class Store(_Step):
         with transaction.atomic():
             current = Document.objects.select_for_update().filter(pk=document.pk).first()
             if current is None or current.content_hash != document.content_hash:
-                return None  # deleted, or replaced by a newer file whose own job follows
+                return None  # deleted, or replaced by a newer upload whose own job follows
             Chunk.objects.filter(document=current).delete()
             Chunk.objects.bulk_create(
                 (
@@ -157,16 +163,17 @@ class Store(_Step):
                     )
                     for ordinal, (piece, vector) in enumerate(zip(pieces, prep_res["vectors"], strict=True))
                 ),
-                batch_size=500,
+                batch_size=STORE_BATCH,
             )
             DocumentFile.objects.filter(document=current).update(
                 text=splitting.extracted_text(prep_res["parsed"].sections)
             )
-            if current.title == PurePath(current.source).name:
-                current.title = prep_res["parsed"].title  # the document's own title, once known
+            current.title = prep_res["parsed"].title
             current.mime_type = prep_res["parsed"].mime_type
+            current.size = DocumentFile.objects.filter(document=current).values_list(Length("data"), flat=True).get()
             current.status = Document.Status.READY
             current.error = ""
+            current.live_hash = current.content_hash
             current.chunk_count = len(pieces)
             current.embedding_model = embedder.name
             current.embedding_dimensions = embedder.dimensions
@@ -190,7 +197,7 @@ class Ready(Node):
 
 
 class Fail(Node):
-    """The document ends `failed`, with its reason and no chunks (a failed document is never searched)."""
+    """The latest upload ends `failed`, with its reason; the live version, if any, stays as it was."""
 
     def prep(self, shared: dict[str, Any]) -> tuple[Document, str]:
         return shared["document"], shared["error"]
@@ -206,17 +213,22 @@ class Fail(Node):
 
 
 def fail(document: Document, error: str) -> Document | None:
-    """``document`` marked failed with ``error``, its chunks gone; None if it was deleted or replaced meanwhile."""
+    """``document``'s latest upload marked failed with ``error``; None if it was deleted or replaced
+    meanwhile. A live version keeps its chunks and text (still searched and cited). Without one,
+    any chunk and text of the document go: they belong to no version (rows of a run from before
+    versions were kept), and a document without a live version is never searched."""
     with transaction.atomic():
         current = Document.objects.select_for_update().filter(pk=document.pk).first()
         if current is None or current.content_hash != document.content_hash:
             return None
-        Chunk.objects.filter(document=current).delete()
+        if not current.live_hash:
+            Chunk.objects.filter(document=current).delete()
+            DocumentFile.objects.filter(document=current).update(text="")
+            current.chunk_count = 0
         current.status = Document.Status.FAILED
         current.error = error
-        current.chunk_count = 0
         current.save()
-    logger.info("document %s (%s) failed: %s", current.pk, current.source, error)
+    logger.info("document %s (%s): a new version failed: %s", current.pk, current.source, error)
     return current
 
 

@@ -21,8 +21,7 @@ from django.conf import settings
 from django.db import connection, transaction
 
 from chat.llm.base import ProviderError
-from documents.embedding import get_embedder
-from documents.models import Document
+from documents.embedding import configured_model_name, get_embedder
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +30,8 @@ MODES = ("hybrid", "vector", "fulltext")
 
 @dataclass(frozen=True)
 class Scope:
-    """What one user may search: the ready documents they own and the shared ones."""
+    """What one user may search: the live versions of the documents they own and of the shared
+    ones, embedded by the configured model (``DocumentQuerySet.searchable``)."""
 
     document_ids: list[int]
     chunks: int
@@ -73,12 +73,17 @@ class Hit:
 
 
 def scope(user_id: int) -> Scope:
-    """One query over documents (no chunk is read): a user without any gets plain chat."""
+    """One query over documents (no chunk is read): a user without any gets plain chat.
+
+    A document whose latest upload is queued, processing or failed is searched in its live
+    version; one never ingested is not; one embedded by another model waits for ``reembed``
+    (its vectors cannot be compared with the query's).
+    """
     with connection.cursor() as cursor:
         cursor.execute(
             "SELECT coalesce(array_agg(id), '{}'), coalesce(sum(chunk_count), 0) FROM documents_document "
-            "WHERE (owner_id = %s OR owner_id IS NULL) AND status = %s",
-            [user_id, Document.Status.READY],
+            "WHERE (owner_id = %s OR owner_id IS NULL) AND live_hash <> '' AND embedding_model = %s",
+            [user_id, configured_model_name()],
         )
         ids, chunks = cursor.fetchone()
     return Scope(list(ids), int(chunks))

@@ -29,45 +29,62 @@ class Registered:
     # Nothing to do: the same bytes are already ingested (or on their way) with the current embedder.
     unchanged: bool
 
+    @property
+    def queued(self) -> bool:
+        """A new version waits for its ingestion run (its job is to be deferred)."""
+        return not self.unchanged and self.document.status == Document.Status.QUEUED
 
-def register(
-    owner, source: str, data: bytes, *, size: int | None = None, title: str = "", force: bool = False
-) -> Registered:
-    """Record ``data`` as the content of the document ``source`` of ``owner`` (None: shared).
 
-    A file that cannot be ingested at all (too big, a type we do not read) is
-    recorded as failed at once, without its bytes; anything else is queued.
-    ``size`` is the file's size when ``data`` was not read because the file is
-    too big. Call it in a transaction with the job's enqueueing, so the job
-    exists if and only if the document does.
+def register(owner, source: str, data: bytes, *, size: int | None = None, force: bool = False) -> Registered:
+    """Record ``data`` as the latest upload of the document ``source`` of ``owner`` (None: shared).
+
+    The live version, if there is one, stays searched as it is until the new one is stored (its
+    chunks, its text and its title are not touched here). A file that cannot be ingested at all
+    (too big, a type we do not read) is recorded as failed at once, without its bytes; anything
+    else is queued. ``size`` is the file's size when ``data`` was not read because the file is
+    too big. Call it in a transaction with the job's enqueueing, so the job exists if and only if
+    the new version waits for it.
     """
     size = len(data) if size is None else size
     refused = _refusal(source, size)
     content_hash = "" if refused else hashlib.sha256(data).hexdigest()
-    existing = Document.objects.filter(owner=owner, source=source).first()
-    if (
-        existing is not None
-        and not force
-        and existing.content_hash == content_hash
-        and existing.status != Document.Status.FAILED
-        and existing.embedding_model in ("", configured_model_name())
-    ):
-        return Registered(existing, unchanged=True)
-    document = existing or Document(owner=owner, source=source)
-    document.title = title or PurePath(source).name
-    document.content_hash = content_hash
-    document.size = size
-    document.mime_type = parsing.mime_type_for(source) or "application/octet-stream"
-    document.status, document.error, document.attempts = Document.Status.QUEUED, "", 0
-    if refused:
-        document.status, document.error, document.chunk_count = Document.Status.FAILED, refused, 0
     with transaction.atomic():
-        document.save()
+        # Locked, as Store and Fail lock it: a version stored meanwhile is not overwritten by this save.
+        existing = Document.objects.select_for_update().filter(owner=owner, source=source).first()
+        if existing is not None and not force and content_hash:
+            current_model = existing.embedding_model == configured_model_name()
+            on_its_way = existing.status in (Document.Status.QUEUED, Document.Status.PROCESSING)
+            if existing.content_hash == content_hash and (
+                on_its_way or (existing.status == Document.Status.READY and current_model)
+            ):
+                return Registered(existing, unchanged=True)
+            if existing.live_hash == content_hash and current_model:
+                # The live version's bytes again: whatever came after it (queued, failed) is dropped.
+                existing.content_hash = existing.live_hash
+                existing.status, existing.error, existing.attempts = Document.Status.READY, "", 0
+                existing.save(update_fields=["content_hash", "status", "error", "attempts", "updated_at"])
+                DocumentFile.objects.filter(document=existing).update(data=data)
+                return Registered(existing, unchanged=True)
+        document = existing or Document(owner=owner, source=source)
+        if not document.live_hash:  # the first version: the page shows the upload until it is parsed
+            document.title = PurePath(source).name
+            document.size = size
+            document.mime_type = parsing.mime_type_for(source) or "application/octet-stream"
+        # A run still busy with an older upload sees the hash change and stores nothing (flows.Store).
+        document.content_hash = content_hash
+        document.status, document.error, document.attempts = Document.Status.QUEUED, "", 0
         if refused:
+            document.status, document.error = Document.Status.FAILED, refused
+        if refused and not document.live_hash:
+            document.chunk_count = 0
+            document.save()
             document.chunks.all().delete()
             DocumentFile.objects.filter(document=document).delete()
         else:
-            DocumentFile.objects.update_or_create(document=document, defaults={"data": data, "text": ""})
+            document.save()
+            if not refused:
+                # Only the bytes: the text is the live version's, which citations point into.
+                DocumentFile.objects.update_or_create(document=document, defaults={"data": data})
     return Registered(document, unchanged=False)
 
 

@@ -31,11 +31,18 @@ def ingest_document(document_id: int) -> None:
 
 def enqueue(document: Document) -> None:
     """Queue ``document``'s ingestion (in the caller's transaction). One job per document at a time:
-    a document queued again before its job started keeps that one job, which reads the newest file."""
+    a document queued again before its job started keeps that one job, which reads the newest file.
+
+    A fair share of the workers: the job's priority is minus the number of its owner's documents
+    already queued, and workers take the highest priority first (then the oldest). So each user's
+    first queued document comes before anyone's second, and one user's backlog of hundreds does
+    not make the next user's upload wait behind it.
+    """
+    ahead = Document.objects.filter(owner_id=document.owner_id, status=Document.Status.QUEUED).exclude(pk=document.pk)
     try:
-        ingest_document.configure(lock=f"document:{document.pk}", queueing_lock=f"document:{document.pk}").defer(
-            document_id=document.pk
-        )
+        ingest_document.configure(
+            lock=f"document:{document.pk}", queueing_lock=f"document:{document.pk}", priority=-ahead.count()
+        ).defer(document_id=document.pk)
     except AlreadyEnqueued:
         pass
 

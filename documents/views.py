@@ -7,7 +7,7 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
 from chat import protocol
-from documents import services, tasks
+from documents import quota, services, tasks
 from documents.models import Document, DocumentFile
 from documents.parsing import MIME_TYPES, SUPPORTED
 
@@ -18,15 +18,19 @@ MAX_FILES_PER_UPLOAD = 20
 @login_required
 def index(request: HttpRequest) -> HttpResponse:
     documents = Document.objects.filter(owner=request.user).only(
-        "id", "title", "source", "status", "error", "chunk_count", "size", "created_at"
+        "id", "title", "source", "status", "error", "chunk_count", "size", "created_at", "live_hash", "embedding_model"
     )
+    shared = Document.objects.filter(owner__isnull=True)
     return render(
         request,
         "documents/index.html",
         {
             "documents": documents,
-            "shared_count": Document.objects.filter(owner__isnull=True, status=Document.Status.READY).count(),
+            "shared_count": shared.searchable().count(),
+            "shared_waiting": shared.waiting_for_reembed().count(),
             "max_bytes": settings.DOCUMENTS_MAX_UPLOAD_BYTES,
+            "quota_files": settings.DOCUMENTS_QUOTA_FILES_PER_DAY,
+            "quota_bytes": settings.DOCUMENTS_QUOTA_BYTES_PER_DAY,
             "max_files": MAX_FILES_PER_UPLOAD,
             "supported": SUPPORTED,
             "accept": ",".join(sorted(MIME_TYPES)),
@@ -52,10 +56,17 @@ def upload(request: HttpRequest) -> JsonResponse:
     for file in files:
         too_big = file.size > settings.DOCUMENTS_MAX_UPLOAD_BYTES
         data = b"" if too_big else file.read()
-        with transaction.atomic():
-            registered = services.register(request.user, file.name, data, size=file.size)
-            if registered.document.status == Document.Status.QUEUED and not registered.unchanged:
-                tasks.enqueue(registered.document)
+        try:
+            with transaction.atomic():
+                registered = services.register(request.user, file.name, data, size=file.size)
+                if registered.queued:
+                    quota.charge(request.user, file.size)  # over the quota: all of this file is rolled back
+                    tasks.enqueue(registered.document)
+        except quota.Exceeded as exc:
+            # The files before this one are stored and listed; this one and the rest are not.
+            headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else {}
+            answer = {"error": str(exc), "retry_after": exc.retry_after, "documents": rows}
+            return JsonResponse(answer, status=429, headers=headers)
         frame = protocol.document(registered.document)
         frame["unchanged"] = registered.unchanged
         rows.append(frame)
@@ -69,10 +80,9 @@ PASSAGE_CONTEXT_CHARS = 600
 @login_required
 def passage(request: HttpRequest, document_id: int) -> JsonResponse:
     """A cited passage (``start``..``end`` of the document's extracted text, from a source) with
-    some text around it, for the page to show highlighted. Only a document the user may search."""
-    document = get_object_or_404(
-        Document.objects.visible_to(request.user).filter(status=Document.Status.READY), pk=document_id
-    )
+    some text around it, for the page to show highlighted. Only a document the user may search, in
+    its live version (whatever its latest upload is doing)."""
+    document = get_object_or_404(Document.objects.visible_to(request.user).live(), pk=document_id)
     try:
         start, end = int(request.GET["start"]), int(request.GET["end"])
     except (KeyError, ValueError):

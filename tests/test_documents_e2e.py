@@ -1,10 +1,12 @@
 """End to end: an upload over HTTP to a real daphne process, ingested by real `manage.py worker` processes,
-its progress followed over the real WebSocket; a worker killed mid-document."""
+its progress followed over the real WebSocket; a worker killed mid-document; a broken new version."""
 
 import asyncio
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 import urllib.request
 import uuid
@@ -13,7 +15,7 @@ import psycopg
 import pytest
 from websockets.asyncio.client import connect
 
-from tests.servers import login
+from tests.servers import ROOT, USERNAME, login
 
 pytestmark = pytest.mark.e2e
 
@@ -106,3 +108,58 @@ def test_a_worker_killed_mid_document_leaves_it_invisible_then_another_worker_fi
         attempts = db.execute("SELECT attempts FROM documents_document WHERE id = %s", [document_id]).fetchone()[0]
     assert ordinals == list(range(total))  # one whole copy: no chunk lost or stored twice
     assert attempts == 2
+
+
+MANUAL = b"# Pump manual\n\n## Seals\n\nWhen the pump leaks at the front, replace the seal with part A-17.\n"
+
+
+def test_a_broken_upload_over_a_working_one_leaves_the_working_one_searched_and_cited(site):
+    port = site.ports[0]
+    cookie = login(port)
+
+    async def until_ended(ws) -> dict:
+        while True:
+            frame = json.loads(await asyncio.wait_for(ws.recv(), 60))
+            if frame["type"] == "document" and frame["stage"] in ("ready", "failed"):
+                return frame
+
+    async def scenario() -> tuple[dict, dict]:
+        async with connect(
+            f"ws://127.0.0.1:{port}/ws/chat/", additional_headers={"Cookie": cookie}, origin=f"http://127.0.0.1:{port}"
+        ) as ws:
+            await asyncio.to_thread(upload, port, cookie, "manual.md", MANUAL)
+            working = await until_ended(ws)
+            await asyncio.to_thread(upload, port, cookie, "manual.md", bytes(range(256)) * 10)
+            return working, await until_ended(ws)
+
+    site.start_worker()
+    try:
+        working, broken = asyncio.run(scenario())
+    finally:
+        site.stop_workers()
+    assert working["stage"] == "ready", site.logs()
+    # The worker's run of the new version failed, and said that the previous version is still used.
+    assert broken["stage"] == "failed" and "binary" in broken["document"]["error"]
+    assert broken["document"]["live"] is True and broken["document"]["id"] == working["document"]["id"]
+    assert broken["document"]["chunk_count"] == working["document"]["chunk_count"] > 0
+    # `manage.py retrieve` on the site's database finds the working version...
+    printed = subprocess.run(
+        [sys.executable, "manage.py", "retrieve", "which part replaces the pump seal?", "--user", USERNAME, "--json"],
+        env=site.env, cwd=ROOT, check=True, capture_output=True, text=True,
+    ).stdout  # fmt: skip
+    seal = next(hit for hit in json.loads(printed) if "A-17" in hit["text"])
+    with database(site) as db:
+        start, end = db.execute(
+            "SELECT char_start, char_end FROM documents_chunk WHERE id = %s", [seal["chunk_id"]]
+        ).fetchone()
+    # ...its passage opens in its own text, and the page shows the failure beside it.
+    passage = get(port, cookie, f"/documents/{seal['document_id']}/passage/?start={start}&end={end}")
+    assert json.loads(passage)["passage"] == seal["text"]
+    page = get(port, cookie, "/documents/")
+    assert "The new version failed: " in page and "The previous version is still used." in page
+
+
+def get(port: int, cookie: str, path: str) -> str:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", headers={"Cookie": cookie})
+    with urllib.request.urlopen(request) as response:
+        return response.read().decode()

@@ -1,5 +1,6 @@
 """Answering from documents: what a turn retrieves, for whom, and what it tells the page and the model."""
 
+import io
 import json
 import re
 
@@ -297,3 +298,28 @@ def test_a_cited_passage_opens_with_its_context_for_those_who_may_search_it(clie
     assert client.get(f"/documents/{shared.pk}/passage/?start=0&end=5").status_code == 200
     client.logout()
     assert client.get(url).status_code == 302  # to the login page
+
+
+def test_documents_of_another_embedding_model_are_not_searched_until_reembed(client, alice, settings, llm_server):
+    mine = ingest(alice, "pump.md", ALICE_PUMP)
+    shared = ingest(None, "handbook.md", HANDBOOK)
+    assert set(search.scope(alice.pk).document_ids) == {mine.pk, shared.pk}
+    # The configured embedder changes: the stored vectors cannot be compared with the query's.
+    settings.EMBEDDING_BASE_URL, settings.EMBEDDING_MODEL = llm_server.base_url, "test-embedder"
+    where = search.scope(alice.pk)
+    assert not where and where.document_ids == []
+    assert search.pipeline(where, "which part fixes a leaking pump seal?", search.Query(), 5) == []
+    # The page says which documents wait, and for what.
+    client.force_login(alice)
+    page = client.get("/documents/").content.decode()
+    row = re.search(rf'<tr data-id="{mine.pk}".*?</tr>', page, re.S).group(0)
+    assert "Waiting for re-embedding" in row and "manage.py reembed" in row
+    assert "1 shared document waits for re-embedding" in page
+    assert "searched too" not in page
+
+    call_command("reembed", stdout=io.StringIO(), stderr=io.StringIO())
+    assert set(search.scope(alice.pk).document_ids) == {mine.pk, shared.pk}
+    hits = search.pipeline(search.scope(alice.pk), "which part fixes a leaking pump seal?", search.Query(), 5)
+    assert "A-17" in " ".join(hit.text for hit in hits)
+    page = client.get("/documents/").content.decode()
+    assert "Waiting for re-embedding" not in page and "1 shared document is searched too" in page

@@ -543,7 +543,10 @@
       case "document": {
         // An upload finished ingesting while the user chats (documents page: /documents/).
         if (frame.stage === "ready") toast(`“${frame.document.title}” is ready: answers can use it now.`);
-        if (frame.stage === "failed") toast(`“${frame.document.title}” could not be ingested: ${frame.document.error}`);
+        if (frame.stage === "failed") {
+          const kept = frame.document.live ? " The previous version is still used." : "";
+          toast(`“${frame.document.title}” could not be ingested: ${frame.document.error}${kept}`);
+        }
         break;
       }
     }

@@ -19,7 +19,7 @@
       tr = document.createElement("tr");
       tr.dataset.id = id;
       tr.innerHTML = `<td class="title"><span></span><small></small></td>
-        <td class="status"><span class="badge"></span><small class="reason" hidden></small><progress hidden></progress></td>
+        <td class="status"><span class="badge"></span><small class="reason" hidden></small><small class="note" hidden></small><progress hidden></progress></td>
         <td class="chunks">0</td>
         <td><form method="post"><input type="hidden" name="csrfmiddlewaretoken"><button class="link danger" type="submit">Delete</button></form></td>`;
       tr.querySelector("form").action = `${location.pathname.replace(/\/$/, "")}/${id}/delete/`;
@@ -37,10 +37,19 @@
     tr.dataset.status = doc.status;
     tr.querySelector(".title span").textContent = doc.title;
     tr.querySelector("button").setAttribute("aria-label", `Delete ${doc.title}`);
+    tr.toggleAttribute("data-live", Boolean(doc.live));
     const stage = frame.stage || doc.status;
-    tr.querySelector(".badge").textContent = frame.unchanged ? "Unchanged" : (LABELS[stage] || stage);
+    // A new version that failed over a live one: the live one is still searched, as it was.
+    const failedOver = doc.live && doc.status === "failed";
+    tr.querySelector(".badge").textContent = frame.unchanged ? "Unchanged" : failedOver ? "New version failed" : (LABELS[stage] || stage);
     const reason = tr.querySelector(".reason");
-    if (reason) { reason.hidden = !doc.error; reason.textContent = doc.error || ""; }
+    reason.hidden = !doc.error;
+    reason.textContent = failedOver ? `The new version failed: ${doc.error} The previous version is still used.` : (doc.error || "");
+    const note = tr.querySelector(".note");
+    note.hidden = !(doc.live && (doc.status === "queued" || doc.status === "processing"));
+    note.textContent = "The previous version is used until this one is ready.";
+    const stale = tr.querySelector(".stale");
+    if (stale && stage === "ready") stale.hidden = true; // stored now by the configured model
     tr.querySelector(".chunks").textContent = doc.chunk_count;
     const bar = tr.querySelector("progress");
     bar.hidden = stage !== "embedding";
@@ -64,18 +73,22 @@
     for (let i = 0; i < accepted.length; i += maxFiles) {
       const body = new FormData();
       accepted.slice(i, i + maxFiles).forEach((file) => body.append("files", file));
+      let refused = false;
       try {
         const response = await fetch(page.dataset.uploadUrl, { method: "POST", body, headers: { "X-CSRFToken": csrf } });
+        refused = response.status === 429;
         const answer = await response.json().catch(() => ({}));
-        if (!response.ok) throw new Error(answer.error || `The upload failed (HTTP ${response.status}).`);
-        answer.documents.forEach((frame, j) => {
+        // Over the upload quota (429), the files before the refused one were stored: listed too.
+        (answer.documents || []).forEach((frame, j) => {
           show(frame);
           const file = accepted[i + j];
           row(frame.document.id).querySelector(".title small").textContent = `${file.name} · ${mb(file.size)}`;
         });
+        if (!response.ok) throw new Error(answer.error || `The upload failed (HTTP ${response.status}).`);
       } catch (error) {
         errorBox.textContent = error.message || "The upload failed: check your connection and try again.";
         errorBox.hidden = false;
+        if (refused) break; // over the upload quota: the next groups would be refused too
       }
     }
   }

@@ -17,8 +17,9 @@ class Command(BaseCommand):
         "Ingest files and folders into the document index: parse, split, embed and store them, here "
         "and now (no worker needed), with a progress bar. Folders are walked for the supported types "
         f"({parsing.SUPPORTED}). A file already ingested with the same content is skipped (content "
-        "hash); a changed one replaces its chunks. A file that fails is reported with its reason and "
-        "the rest go on. Each document is named by its path as given here."
+        "hash); a changed one replaces its chunks once it is stored. A file that fails is reported with "
+        "its reason (its previous version, if any, stays searched) and the rest go on. Each document "
+        "is named by its path as given here."
     )
 
     def add_arguments(self, parser) -> None:
@@ -68,7 +69,8 @@ class Command(BaseCommand):
             if document is None:
                 continue
             if document.status == Document.Status.FAILED:
-                failures.append((path, document.error))
+                kept = " (the previous version is still used)" if document.live_hash else ""
+                failures.append((path, document.error + kept))
             else:
                 chunks += document.chunk_count
         bar.close()

@@ -2,7 +2,7 @@ from django.core.management.base import BaseCommand
 from django.db import transaction
 from tqdm import tqdm
 
-from documents.embedding import configured_model_name, get_embedder
+from documents.embedding import get_embedder
 from documents.models import Chunk, Document
 from documents.splitting import embedded_text
 
@@ -16,14 +16,13 @@ class Command(BaseCommand):
     )
 
     def add_arguments(self, parser) -> None:
-        parser.add_argument("--all", action="store_true", help="re-embed every ready document, even current ones")
+        parser.add_argument("--all", action="store_true", help="re-embed every live document, even current ones")
 
     def handle(self, *args, all: bool, **options) -> None:
         embedder = get_embedder()
-        documents = Document.objects.filter(status=Document.Status.READY)
-        if not all:
-            documents = documents.exclude(embedding_model=configured_model_name())
-        documents = list(documents.only("id", "title", "content_hash"))
+        # The live versions, whatever their latest upload is doing: those are what is searched.
+        documents = Document.objects.live() if all else Document.objects.waiting_for_reembed()
+        documents = list(documents.only("id", "title", "live_hash"))
         chunks = 0
         for document in tqdm(documents, unit="document", disable=None, file=self.stderr._out):
             rows = list(Chunk.objects.filter(document=document).only("id", "text", "heading").order_by("ordinal"))
@@ -31,8 +30,8 @@ class Command(BaseCommand):
             vectors = embedder.embed(texts)
             with transaction.atomic():
                 current = Document.objects.select_for_update().filter(pk=document.pk).first()
-                if current is None or current.content_hash != document.content_hash:
-                    continue  # deleted or re-ingested meanwhile (with the current model)
+                if current is None or current.live_hash != document.live_hash:
+                    continue  # deleted, or a new version stored meanwhile (with the current model)
                 for row, vector in zip(rows, vectors, strict=True):
                     row.embedding = vector
                 Chunk.objects.bulk_update(rows, ["embedding"], batch_size=500)
