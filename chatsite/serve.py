@@ -164,10 +164,12 @@ class Server(DaphneServer):
 def report_checks() -> None:
     """Django's system checks, database ones included, logged: manage.py runs them, daphne does not."""
     from django.core import checks
+    from django.db import connections
 
     for message in checks.run_checks(databases=["default"]):
         if not message.is_silenced():
             logger.log(logging.ERROR if message.is_serious() else logging.WARNING, "%s", message)
+    connections.close_all()  # this thread serves no queries: the database threads do (chat/services.py)
 
 
 def main(argv: list[str]) -> None:
