@@ -19,4 +19,5 @@ RUN python -c "import compileall; compileall.compile_dir('.', quiet=1)" >/dev/nu
 USER chat
 
 EXPOSE 8000
-CMD ["sh", "-c", "python manage.py migrate --noinput && python -m chatsite.serve -b 0.0.0.0 -p 8000"]
+# exec: the server is PID 1 and gets `docker stop`'s SIGTERM itself, so streaming replies finish first.
+CMD ["sh", "-c", "python manage.py migrate --noinput && exec python -m chatsite.serve -b 0.0.0.0 -p 8000"]

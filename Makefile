@@ -28,16 +28,17 @@ $(VENV)/.installed: $(BIN)/python requirements.txt requirements-dev.txt requirem
 
 install: $(VENV)/.installed
 
-# The site and one document worker (manage.py worker), stopped together.
-SERVE_WITH_WORKER = $(BIN)/python manage.py worker & worker=$$!; trap 'kill $$worker 2>/dev/null' EXIT INT TERM;
+# The site and one document worker (manage.py worker), which the server starts again if it dies
+# and stops with itself (Ctrl-C: streaming replies finish first; twice: at once).
+SERVE = $(BIN)/python -m chatsite.serve --document-workers 1 -b $(HOST) -p $(PORT)
 
 run: install
 	$(BIN)/python manage.py migrate --noinput
-	$(SERVE_WITH_WORKER) $(BIN)/python -m chatsite.serve -b $(HOST) -p $(PORT)
+	$(SERVE)
 
 dev: install
 	$(BIN)/python manage.py migrate --noinput
-	$(SERVE_WITH_WORKER) DEBUG=1 $(BIN)/python -m chatsite.serve -b $(HOST) -p $(PORT)
+	DEBUG=1 $(SERVE)
 
 test: install
 	$(BIN)/python -m pytest

@@ -17,7 +17,7 @@ from chat.flows import answer
 from chat.llm import ProviderError, get_provider
 from chat.models import Message
 from chat.protocol import ProtocolError
-from chat.replies import control, events
+from chat.replies import control, events, running
 from chat.replies.control import ControlDispatcher
 from chat.replies.join import Join
 from chat.services import db
@@ -204,6 +204,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
             return await self.as_user(begin)(self.user, *args)
 
     async def send_message(self, frame: protocol.Send) -> None:
+        self._refuse_if_stopping(frame.client_id)
         control_address = await ControlDispatcher.address(self.channel_layer)
         turn = await self._begin(
             services.begin_turn,
@@ -230,6 +231,12 @@ class ChatConsumer(AsyncWebsocketConsumer):
                 frames.insert(0, protocol.replaced(turn.conversation.pk, turn.replaced))
             announce = events.frames(*frames, exclude=self.channel_name)
         await self._answer(turn, ack, announce)
+
+    @staticmethod
+    def _refuse_if_stopping(client_id: str | None = None) -> None:
+        if not running.accepting():
+            # `busy`: the page offers to send it again, and its new socket reaches a process that is serving.
+            raise ProtocolError(protocol.BUSY, "The server is restarting; send it again in a moment.", client_id)
 
     async def _answer(self, turn: services.Turn, ack: dict[str, Any] | None, announce: dict[str, Any] | None) -> None:
         """Start the reply, then subscribe, acknowledge and announce while the model request is on its way.
@@ -270,6 +277,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
             await self.channel_layer.send(reply.control_channel, events.stop_request(reply.pk))
 
     async def regenerate(self, frame: protocol.Regenerate) -> None:
+        self._refuse_if_stopping()
         control_address = await ControlDispatcher.address(self.channel_layer)
         turn = await self._begin(services.begin_regenerate, frame.message_id, self._model_name(), control_address)
         # Every socket on the conversation, this one included, learns the new reply's id.

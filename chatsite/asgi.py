@@ -1,4 +1,4 @@
-"""ASGI entry point: Django views over HTTP, ChatConsumer over WebSocket (served by daphne)."""
+"""ASGI entry point: Django views over HTTP (bodies bounded first), ChatConsumer over WebSocket (served by daphne)."""
 
 import logging
 import os
@@ -17,6 +17,7 @@ from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: 
 
 from chat import services  # noqa: E402
 from chat.routing import websocket_urlpatterns  # noqa: E402
+from chatsite.bodies import BodyLimit  # noqa: E402
 
 logger = logging.getLogger("chatsite")
 
@@ -28,6 +29,8 @@ except Exception:  # noqa: BLE001 - start serving even if the database is not re
     logger.exception("could not check for interrupted replies at start-up")
 
 http_app = ASGIStaticFilesHandler(django_asgi_app) if settings.SERVE_STATIC else django_asgi_app
+# Before Django, which reads a whole body into a spooled file before any view or login check runs.
+http_app = BodyLimit(http_app)
 
 application = ProtocolTypeRouter(
     {

@@ -241,6 +241,11 @@ CHAT_FLUSH_SECONDS = env_float("CHAT_FLUSH_SECONDS", 1.0)
 CHAT_DB_THREADS = env_int("CHAT_DB_THREADS", 6)
 # A `streaming` row not flushed for this long belongs to a dead process.
 CHAT_STALE_SECONDS = env_float("CHAT_STALE_SECONDS", 30.0)
+# On SIGTERM or Ctrl-C (chat/replies/running.py `drain`): streaming replies get this long to finish,
+# then those left end `interrupted` with their text so far, given CHAT_DRAIN_FINAL_SECONDS to say so.
+# Keep the sum under the supervisor's stop timeout (docker-compose.yml: stop_grace_period).
+CHAT_DRAIN_SECONDS = env_float("CHAT_DRAIN_SECONDS", 15.0)
+CHAT_DRAIN_FINAL_SECONDS = env_float("CHAT_DRAIN_FINAL_SECONDS", 5.0)
 # Titles of new conversations (chat/titles.py): "model" asks the model for one after the first
 # reply; "first_message" keeps the first message as the title; "auto": "model", except with the
 # offline local model, whose titles were worse than the first message (it answers instead).
@@ -287,6 +292,13 @@ LOCAL_MODEL_SYSTEM_PROMPT = os.environ.get(
 # --- Documents (docs/architecture.md, "Documents") ----------------------------------------
 # One upload file at most this big; a bigger one is refused before it is stored.
 DOCUMENTS_MAX_UPLOAD_BYTES = env_int("DOCUMENTS_MAX_UPLOAD_BYTES", 20 * 1024 * 1024)
+# Request bodies (chatsite/bodies.py): a bigger one is refused with 413 before it is read, by its
+# Content-Length or as a chunked body passes the limit. An upload request carries at most
+# DOCUMENTS_MAX_UPLOAD_BYTES of files (the page sends more in several requests) and their multipart
+# framing; any other request is a form or JSON, which Django refuses past 2.5 MB anyway
+# (DATA_UPLOAD_MAX_MEMORY_SIZE).
+HTTP_MAX_UPLOAD_BODY_BYTES = env_int("HTTP_MAX_UPLOAD_BODY_BYTES", DOCUMENTS_MAX_UPLOAD_BYTES + 256 * 1024)
+HTTP_MAX_BODY_BYTES = env_int("HTTP_MAX_BODY_BYTES", 3 * 1024 * 1024)
 # A request body may carry several files (the page sends up to 20 at once).
 DATA_UPLOAD_MAX_NUMBER_FILES = 20
 # Text extracted from one document: beyond this it fails as too long (a 20 MB PDF of text is ~15M chars).
@@ -318,6 +330,9 @@ PROCRASTINATE_WORKER_DEFAULTS = {
     "stalled_worker_timeout": env_float("WORKER_STALLED_SECONDS", 30.0),
 }
 WORKER_STALLED_SECONDS = env_float("WORKER_STALLED_SECONDS", 30.0)
+# `python -m chatsite.serve --document-workers N` starts N workers and starts a dead one again: at
+# once, then after a pause that doubles while it keeps dying within a minute, up to this long.
+SERVE_RESTART_MAX_SECONDS = env_float("SERVE_RESTART_MAX_SECONDS", 30.0)
 DOCUMENTS_MAX_ATTEMPTS = env_int("DOCUMENTS_MAX_ATTEMPTS", 3)
 
 # Answering from documents (documents/search.py). The defaults were chosen with bench/retrieval.py

@@ -41,14 +41,16 @@ def wait_for_http(url: str, server: subprocess.Popen, timeout: float = 60) -> No
 class Site:
     """Daphne processes on their own embedded PostgreSQL + Valkey, handed to them as DATABASE_URL / REDIS_URL.
 
-    ``env`` adds to (and ``None`` values remove from) the processes' environment. Use as a
+    ``env`` adds to (and ``None`` values remove from) the processes' environment; ``args`` go to
+    each ``python -m chatsite.serve``. Use as a
     context manager: migrates, creates the user USERNAME, starts the processes, and stops
     everything on exit. ``ports`` and ``servers`` (the Popen objects) are in the same order.
     """
 
-    def __init__(self, var: Path, env: dict[str, str | None], processes: int = 2) -> None:
+    def __init__(self, var: Path, env: dict[str, str | None], processes: int = 2, args: tuple[str, ...] = ()) -> None:
         self.var = var
         self.processes = processes
+        self.args = args  # more options for each `python -m chatsite.serve`
         db = embedded.postgres(var)
         self.env = {
             **os.environ,
@@ -99,7 +101,7 @@ class Site:
 
     def _serve(self, port: int) -> subprocess.Popen:
         return subprocess.Popen(
-            [sys.executable, "-m", "chatsite.serve", "-b", "127.0.0.1", "-p", str(port)],
+            [sys.executable, "-m", "chatsite.serve", *self.args, "-b", "127.0.0.1", "-p", str(port)],
             env=self.env,
             cwd=ROOT,
             stdout=subprocess.DEVNULL,

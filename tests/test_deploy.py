@@ -43,3 +43,29 @@ def test_the_generated_secret_key_is_made_once_private_and_whole(tmp_path):
     key_file = tmp_path / "secret_key"
     assert key_file.stat().st_mode & 0o777 == 0o600
     assert not list(tmp_path.glob("secret_key.*.tmp"))
+
+
+def test_secrets_stay_out_of_the_docker_build_context(tmp_path):
+    """The repository's .dockerignore, applied with Docker's own rules (docker-py's build context,
+    the tar it sends): an .env file, its variants, keys and var/ (the generated secret key) are not
+    in the context, so the Dockerfile's `COPY . .` cannot put them in the image; the code is."""
+    import tarfile
+
+    from docker.utils.build import tar
+
+    lines = (ROOT / ".dockerignore").read_text().splitlines()
+    patterns = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+    secrets = [".env", ".env.production", "chatsite/.env", "deploy/.env.local", "tls.key", "certs/site.pem",
+               "secrets/db-password", "var/secret_key"]  # fmt: skip
+    code = ["manage.py", "requirements.txt", "chatsite/settings.py", "Dockerfile", "docs/env.md"]
+    for name in secrets + code:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("x")
+    with tarfile.open(fileobj=tar(str(tmp_path), exclude=patterns)) as context:
+        sent = {member.name for member in context.getmembers() if member.isfile()}
+    assert sent == set(code)
+    # The image gets files only by COPY from this context (no ADD, no other stage): what the
+    # context leaves out, the image cannot have.
+    dockerfile = (ROOT / "Dockerfile").read_text().splitlines()
+    copies = [line for line in dockerfile if line.startswith(("COPY", "ADD"))]
+    assert "COPY . ." in copies and all(line.startswith("COPY") and "--from" not in line for line in copies)

@@ -262,7 +262,12 @@ class StreamAnswer(AsyncNode):
             # Cancelling closes the provider's stream: no token is made for a reply nobody wants.
             consumer.cancel()
             await asyncio.gather(consumer, return_exceptions=True)
-            outcome.status = Message.Status.STOPPED
+            if stream.interrupted:
+                outcome.status = Message.Status.INTERRUPTED
+                outcome.error_code = services.INTERRUPTED["error_code"]
+                outcome.error_message = services.INTERRUPTED["error_message"]
+            else:
+                outcome.status = Message.Status.STOPPED
         else:
             exc = consumer.exception()
             if isinstance(exc, ProviderError):
@@ -395,4 +400,4 @@ def start(layer: BaseChannelLayer, turn: services.Turn, ready: asyncio.Event | N
     With ``ready``, the reply's frames wait until it is set (see ``ReplyStream``).
     """
     stream = ReplyStream(layer, turn.conversation.pk, turn.reply.pk, ready)
-    return running.spawn(turn.reply.pk, run_answer(new_store(turn, stream)))
+    return running.spawn(turn.reply.pk, run_answer(new_store(turn, stream)), stream.interrupt)

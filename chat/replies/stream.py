@@ -49,6 +49,8 @@ class ReplyStream:
         self.text = ""
         self.pending = ""
         self.stop_event = asyncio.Event()
+        # Stopped because the process is stopping (running.drain), not by a user: ends `interrupted`.
+        self.interrupted = False
         self.failed: DeliveryError | None = None
         self._lock = asyncio.Lock()
         self._last_publish = 0.0
@@ -114,6 +116,11 @@ class ReplyStream:
                 raise
 
     # --- requests from any process (see control.ControlDispatcher) ---------------------------
+
+    def interrupt(self) -> None:
+        """End the reply as `interrupted`, with its text so far (the process is stopping)."""
+        self.interrupted = True
+        self.stop_event.set()
 
     def control(self, message: dict[str, Any]) -> None:
         if message["type"] == events.STOP:

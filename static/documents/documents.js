@@ -70,9 +70,16 @@
       if (file.size > maxBytes) refuse(file, `The file is ${mb(file.size)}; the limit is ${mb(maxBytes)}.`);
       else accepted.push(file);
     }
-    for (let i = 0; i < accepted.length; i += maxFiles) {
+    // One request carries at most maxFiles files and maxBytes of them (the server refuses a bigger body).
+    const batches = [];
+    for (const file of accepted) {
+      const last = batches[batches.length - 1];
+      if (last && last.length < maxFiles && last.reduce((sum, f) => sum + f.size, 0) + file.size <= maxBytes) last.push(file);
+      else batches.push([file]);
+    }
+    for (const batch of batches) {
       const body = new FormData();
-      accepted.slice(i, i + maxFiles).forEach((file) => body.append("files", file));
+      batch.forEach((file) => body.append("files", file));
       let refused = false;
       try {
         const response = await fetch(page.dataset.uploadUrl, { method: "POST", body, headers: { "X-CSRFToken": csrf } });
@@ -81,7 +88,7 @@
         // Over the upload quota (429), the files before the refused one were stored: listed too.
         (answer.documents || []).forEach((frame, j) => {
           show(frame);
-          const file = accepted[i + j];
+          const file = batch[j];
           row(frame.document.id).querySelector(".title small").textContent = `${file.name} · ${mb(file.size)}`;
         });
         if (!response.ok) throw new Error(answer.error || `The upload failed (HTTP ${response.status}).`);
