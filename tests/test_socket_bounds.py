@@ -8,6 +8,7 @@
 """
 
 import asyncio
+import contextlib
 import json
 import time
 from datetime import timedelta
@@ -15,17 +16,21 @@ from datetime import timedelta
 import pytest
 import redis
 import redis.asyncio as aioredis
+from channels.layers import get_channel_layer
 from django.conf import settings as django_settings
 from django.contrib.sessions.models import Session
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
+from websockets.exceptions import ConnectionClosed
 
 from chat import protocol, services, sockets
 from chat.models import Conversation, Message
 from chat.replies import events
 from chatsite.channel_layer import PipelinedPubSubChannelLayer
 from tests.conftest import Client
+from tests.servers import login
+from tests.test_resilience import socket
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -182,6 +187,36 @@ async def test_a_join_holding_too_many_frames_gives_up_and_the_client_resyncs(al
         assert history["type"] == "history" and history["messages"][-1]["content"] == text
         live = protocol.chunk(reply.pk, len(text), "end")
         await refusing.publish(conversation.pk, live)
+        assert await client.recv() == live
+
+
+def rename_messages(old: str, new: str) -> None:
+    with connection.cursor() as cursor:
+        cursor.execute(f"ALTER TABLE {old} RENAME TO {new}")
+
+
+async def test_a_join_whose_database_read_fails_tells_the_client(alice, monkeypatch):
+    monkeypatch.setattr("chat.replies.join.SNAPSHOT_TIMEOUT", 0.5)
+    layer = get_channel_layer()
+    generator = await layer.new_channel()
+    conversation, reply = await conversation_with_reply(alice, control_channel=generator, content="saved so far")
+    async with Client(alice) as client:
+        await client.send(opening(conversation))
+        await asyncio.wait_for(layer.receive(generator), 10)  # joining; no answer will come
+        # The deadline's read of the reply fails (its table is gone for the moment).
+        await services.db(rename_messages)("chat_message", "chat_message_away")
+        try:
+            told = await client.recv()
+        finally:
+            await services.db(rename_messages)("chat_message_away", "chat_message")
+        assert (told["type"], told["code"], told["conversation_id"]) == ("error", "out_of_sync", str(conversation.pk))
+        # Nothing is left held: a new `open` joins and the reply's frames arrive.
+        await client.send(opening(conversation))
+        request = await asyncio.wait_for(layer.receive(generator), 10)
+        await layer.send(request["reply_channel"], events.snapshot(reply.pk, "live"))
+        assert (await client.recv())["messages"][-1]["content"] == "live"
+        live = protocol.chunk(reply.pk, 4, " on")
+        await layer.group_send(events.group_name(conversation.pk), events.frames(live))
         assert await client.recv() == live
 
 
@@ -376,3 +411,26 @@ def test_a_history_page_is_one_query(alice, settings):
     assert [row.pk for row in rows] == ids[1000 - django_settings.CHAT_HISTORY_PAGE : 1000] and more
     assert len(queries) == 3  # the conversation, the cursor's row, the page (LIMIT page + 1)
     assert f"LIMIT {django_settings.CHAT_HISTORY_PAGE + 1}" in queries[-1]["sql"]
+
+
+@pytest.mark.e2e
+def test_the_socket_cap_is_shared_by_processes(site):
+    """CHAT_MAX_SOCKETS_PER_USER (20): ten sockets on each of two processes, and the 21st is closed with 4429."""
+    name = f"sockets{time.time_ns()}"  # a user of its own
+    make_user = f"from django.contrib.auth.models import User; User.objects.create_user('{name}', password='pw-{name}')"
+    site.manage("shell", "-c", make_user)
+    cookie = login(site.ports[0], name, f"pw-{name}")
+
+    async def scenario() -> int:
+        async with contextlib.AsyncExitStack() as stack:
+            for port in site.ports:
+                for _ in range(10):
+                    ws = await stack.enter_async_context(socket(port, cookie))
+                    await ws.send("{}")  # answered once the socket is counted and set up
+                    assert json.loads(await asyncio.wait_for(ws.recv(), 10))["code"] == "bad_request"
+            async with socket(site.ports[1], cookie) as extra:
+                with pytest.raises(ConnectionClosed) as closed:
+                    await asyncio.wait_for(extra.recv(), 10)
+                return closed.value.rcvd.code
+
+    assert asyncio.run(scenario()) == protocol.CLOSE_TOO_MANY_SOCKETS
