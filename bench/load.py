@@ -342,6 +342,8 @@ async def sweep(args: argparse.Namespace) -> list[Point]:
             # never refuse, but they are still checked (their queries are part of a turn's cost).
             "CHAT_LIMIT_CONCURRENT_REPLIES": "1000",
             "CHAT_LIMIT_MESSAGES_PER_MINUTE": "1000000",
+            "CHAT_MAX_SOCKETS_PER_USER": "1000",
+            "CHAT_LIMIT_OPENS_PER_MINUTE": "1000000",
         }
         with Site(var / "stack", env, processes=args.processes) as site:
             users = create_users(site, min(args.users, max(args.points)))

@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
-from chat import access, protocol, services
+from chat import access, limits, protocol, services, sockets
 from chat.flows import answer
 from chat.llm import ProviderError, get_provider
 from chat.models import Message
@@ -20,6 +20,7 @@ from chat.protocol import ProtocolError
 from chat.replies import control, events, running
 from chat.replies.control import ControlDispatcher
 from chat.replies.join import Join
+from chat.replies.stream import RETRY_PAUSES
 from chat.services import db
 
 logger = logging.getLogger(__name__)
@@ -44,10 +45,15 @@ class ChatConsumer(AsyncWebsocketConsumer):
             await self.accept()
             await self.close(code=protocol.CLOSE_UNAUTHENTICATED)
             return
-        self.join = Join(self.channel_layer, self.channel_name)
+        await self.accept()
+        # Counted across processes (chat/sockets.py); one over the cap is closed, as 4401 is, not refused.
+        self.counters = sockets.Counters.of_this_loop()
+        if not await self.counters.admit(self.user.pk, self.channel_name):
+            await self.close(code=protocol.CLOSE_TOO_MANY_SOCKETS)
+            return
+        self.join = Join(self.channel_layer, self.channel_name, self._push)
         self.checked_at = time.monotonic()
         self.checking: asyncio.Task | None = None
-        await self.accept()
         # The user's documents report their ingestion progress here (documents/progress.py).
         await self.channel_layer.group_add(events.user_group(self.user.pk), self.channel_name)
         try:
@@ -58,15 +64,18 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
     async def disconnect(self, code: int) -> None:
         if not hasattr(self, "join"):
-            return  # never logged in
-        # Leaving the group does not touch any running generation: it finishes and is saved.
-        await self._unsubscribe()
-        await self.channel_layer.group_discard(events.user_group(self.user.pk), self.channel_name)
+            return  # never logged in, or over the cap
         self.join.close()
         if self.checking is not None:
             self.checking.cancel()
+        await self.counters.leave(self.user.pk, self.channel_name)
+        # Leaving the group does not touch any running generation: it finishes and is saved.
+        await self._unsubscribe()
+        await self.channel_layer.group_discard(events.user_group(self.user.pk), self.channel_name)
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        if not hasattr(self, "join") or self.logged_out:
+            return  # closed at connect, or since
         # surrogatepass: a lone surrogate is sized here and refused by protocol.parse, not a crash.
         size = len(text_data.encode("utf-8", "surrogatepass")) if text_data is not None else len(bytes_data or b"")
         if size > settings.CHAT_HARD_FRAME_BYTES:
@@ -74,7 +83,12 @@ class ChatConsumer(AsyncWebsocketConsumer):
             return
         frame = None
         try:
-            frame = protocol.parse(text_data, size)
+            try:
+                frame = protocol.parse(text_data, size)
+            except ProtocolError:
+                # A logged-out socket is closed (4401) whatever it sent, not told what was wrong with it.
+                await self.as_user(lambda: None)()
+                raise
             if isinstance(frame, protocol.Open):
                 await self.open(frame)
             elif isinstance(frame, protocol.Send):
@@ -137,26 +151,69 @@ class ChatConsumer(AsyncWebsocketConsumer):
     async def send_frame(self, frame: dict[str, Any]) -> None:
         await self.send(text_data=json.dumps(frame))
 
+    async def _push(self, frame: dict[str, Any]) -> None:
+        """A frame the socket did not ask for at this moment (a join's, a group's): none once logged out."""
+        if not self.logged_out:
+            await self.send_frame(frame)
+
     # --- subscription -----------------------------------------------------------------
 
     async def _subscribe(self, conversation_id: int) -> None:
+        """Subscribed to the conversation's group, or raises with the socket subscribed to none."""
         if self.conversation_id == conversation_id:
             return
         await self._unsubscribe()
-        self.conversation_id = conversation_id
         self.settled = frozenset()
-        await self.channel_layer.group_add(events.group_name(conversation_id), self.channel_name)
+        group = events.group_name(conversation_id)
+        for pause in (*RETRY_PAUSES, None):
+            try:
+                await self.channel_layer.group_add(group, self.channel_name)
+                break
+            except Exception:
+                if pause is None:
+                    # The layer may already count this socket in the group; a later success must not feed it.
+                    await self._discard(group)
+                    raise
+                logger.warning("subscribing to %s failed; retrying in %.2f s", group, pause, exc_info=True)
+                await asyncio.sleep(pause)
+        # Only now: a socket recorded as subscribed that is not would show history and never a live chunk.
+        self.conversation_id = conversation_id
 
     async def _unsubscribe(self) -> None:
         if self.conversation_id is not None:
-            await self.channel_layer.group_discard(events.group_name(self.conversation_id), self.channel_name)
-            self.conversation_id = None
+            group, self.conversation_id = events.group_name(self.conversation_id), None
             self.join.reset()
+            await self._discard(group)
+
+    async def _discard(self, group: str) -> None:
+        try:
+            await self.channel_layer.group_discard(group, self.channel_name)
+        except Exception:  # noqa: BLE001 - the layer forgets the socket before it tells Redis: nothing reaches it
+            logger.warning("unsubscribing from %s failed", group, exc_info=True)
 
     # --- client frames ------------------------------------------------------------------
 
     async def open(self, frame: protocol.Open) -> None:
-        conversation, rows = await self.as_user(services.open_conversation)(self.user, frame.conversation_id)
+        try:
+            await self.counters.count_open(self.user.pk)
+        except limits.RateLimited as exc:
+            await self.as_user(lambda: None)()  # a logged-out socket is closed, not told to wait
+            # Which `open` was refused: the page tries it again after `retry_after`.
+            await self.send_frame({**exc.frame(), "conversation_id": frame.conversation_id})
+            return
+        if frame.before is not None:
+            # A page of earlier messages: the subscription and any join stay as they are.
+            conversation, rows, more = await self.as_user(services.history_page)(
+                self.user, frame.conversation_id, frame.before
+            )
+            payloads = [protocol.message(row) for row in rows]
+            await self.send_frame(protocol.history(conversation, payloads, more, frame.before))
+            return
+        conversation, rows, more = await self.as_user(services.open_conversation)(self.user, frame.conversation_id)
+        # At most one reply streams per conversation (a database constraint).
+        streaming = [i for i, row in enumerate(rows) if row.status == Message.Status.STREAMING]
+        if not streaming or conversation.pk != self.conversation_id:
+            self.join.reset()  # what it held is in this history, or of another conversation
         await self._subscribe(conversation.pk)
         # A reply that ended just before the read above may still have frames on their way through the group.
         self.settled = frozenset(str(row.pk) for row in rows if row.status != Message.Status.STREAMING)
@@ -167,16 +224,18 @@ class ChatConsumer(AsyncWebsocketConsumer):
                 del payloads[index]  # deleted while we asked for its text
             elif index >= 0:
                 payloads[index] = protocol.message(final) if final else {**payloads[index], "content": text}
-            await self.send_frame(protocol.history(conversation, payloads))
+            await self._push(protocol.history(conversation, payloads, more))
 
-        # At most one reply streams per conversation (a database constraint).
-        streaming = [i for i, row in enumerate(rows) if row.status == Message.Status.STREAMING]
         if not streaming:
             await send_history()
             return
         index = streaming[0]
         shown = frozenset(payload["id"] for payload in payloads)
-        await self.join.start(rows[index], lambda text, final: send_history(text, final, index), shown)
+        # Even when a join of this conversation is pending: a join that never got its answer starts anew.
+        await self.join.start(
+            rows[index], lambda text, final: send_history(text, final, index), shown,
+            conversation_id=conversation.pk, again=True,
+        )  # fmt: skip
 
     def _model_name(self) -> str:
         try:
@@ -260,12 +319,12 @@ class ChatConsumer(AsyncWebsocketConsumer):
         async def send_text(text: str | None, final: Message | None) -> None:
             if text is None:
                 return  # deleted meanwhile: the client re-opens the conversation and sees it gone
-            await self.send_frame(protocol.chunk(reply.pk, 0, text))
+            await self._push(protocol.chunk(reply.pk, 0, text))
             if final is not None:
-                await self.send_frame(protocol.done_for(final))
+                await self._push(protocol.done_for(final))
 
         if reply.status == Message.Status.STREAMING:
-            await self.join.start(reply, send_text, frozenset())
+            await self.join.start(reply, send_text, frozenset(), conversation_id=reply.conversation_id)
         else:
             await send_text(reply.content, reply)
 
@@ -292,13 +351,9 @@ class ChatConsumer(AsyncWebsocketConsumer):
         for frame in event["frames"]:
             if frame["type"] in protocol.REPLY_FRAMES and frame["message_id"] in self.settled:
                 continue
-            if self.join.holding:
-                self.join.hold(frame)
-            else:
-                await self.send_frame(frame)
+            await self.join.deliver(frame)
 
     async def chat_snapshot(self, event: dict[str, Any]) -> None:
         if self.logged_out:
             return
-        for frame in await self.join.answered(event):
-            await self.send_frame(frame)
+        await self.join.answered(event)

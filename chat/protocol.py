@@ -28,10 +28,14 @@ INTERNAL_ERROR = "internal_error"
 DELIVERY_FAILED = "delivery_failed"
 # A reply whose final write failed (in `done`): the database keeps its last flush.
 SAVE_FAILED = "save_failed"
+# The socket could not keep a conversation live (chat/replies/join.py): the client re-sends `open`.
+OUT_OF_SYNC = "out_of_sync"
 
 # Close codes.
 CLOSE_TOO_BIG = 1009
 CLOSE_UNAUTHENTICATED = 4401
+# The user has CHAT_MAX_SOCKETS_PER_USER sockets open already (chat/sockets.py).
+CLOSE_TOO_MANY_SOCKETS = 4429
 
 
 class ProtocolError(Exception):
@@ -50,6 +54,8 @@ class ProtocolError(Exception):
 @dataclass(frozen=True)
 class Open:
     conversation_id: str
+    # A page of earlier messages: those before this one (nothing is subscribed or joined).
+    before: str | None = None
 
 
 @dataclass(frozen=True)
@@ -120,7 +126,8 @@ def parse(text: str | None, size: int) -> ClientFrame:
         raise ProtocolError(BAD_REQUEST, "Frame must be a JSON object.")
     kind = frame.get("type")
     if kind == "open":
-        return Open(_id(frame, "conversation_id"))
+        before = _id(frame, "before", nullable=True) if "before" in frame else None
+        return Open(_id(frame, "conversation_id"), before)
     if kind == "send":
         client_id = frame.get("client_id")
         try:
@@ -241,14 +248,29 @@ def replaced(conversation_id: int, message_id: int) -> dict[str, Any]:
     return {"type": "replaced", "conversation_id": str(conversation_id), "message_id": str(message_id)}
 
 
-def history(conversation: Any, messages: list[dict[str, Any]]) -> dict[str, Any]:
-    return {
+def history(
+    conversation: Any, messages: list[dict[str, Any]], more: bool = False, before: str | None = None
+) -> dict[str, Any]:
+    """The newest CHAT_HISTORY_PAGE messages (or, with ``before``, the page before that message);
+    ``more``: earlier messages remain."""
+    frame = {
         "type": "history",
         "conversation_id": str(conversation.pk),
         "title": conversation.title,
         "use_documents": conversation.use_documents,
         "messages": messages,
+        "more": more,
     }
+    if before is not None:
+        frame["before"] = before
+    return frame
+
+
+def out_of_sync(conversation_id: int | None) -> dict[str, Any]:
+    """The socket dropped frames of this conversation: the client re-sends `open` to re-sync."""
+    frame = error(OUT_OF_SYNC, "Live updates of this conversation were interrupted; reloading it.")
+    frame["conversation_id"] = str(conversation_id) if conversation_id is not None else None
+    return frame
 
 
 def conversation(conv: Any, deleted: bool = False) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from datetime import timedelta
 from channels.db import database_sync_to_async
 from django.conf import settings
 from django.db import IntegrityError, connection, transaction
-from django.db.models import OuterRef, Subquery
+from django.db.models import OuterRef, Q, Subquery
 from django.utils import timezone
 
 from chat import limits, protocol, titles
@@ -120,13 +120,36 @@ def interrupt_if_dead(reply_id: int) -> Message | None:
     return Message.objects.get(pk=reply_id)
 
 
-def open_conversation(user, conversation_id: str) -> tuple[Conversation, list[Message]]:
-    """The user's conversation and its messages (replies left by a dead process marked `interrupted` first)."""
-    conversation = get_conversation(user, conversation_id)
-    recover_stale(conversation.pk)
+def _page(user, conversation: Conversation, before: Message | None = None) -> tuple[list[Message], bool]:
+    """The newest CHAT_HISTORY_PAGE shown messages (before ``before``, if given), oldest first, and
+    whether earlier ones remain: one query, LIMIT page + 1, on the (conversation, created_at, id) index."""
+    size = settings.CHAT_HISTORY_PAGE
+    rows = conversation.messages.shown()
+    if before is not None:
+        rows = rows.filter(Q(created_at__lt=before.created_at) | Q(created_at=before.created_at, id__lt=before.pk))
     # With the user's own rating of each reply (thumbs up or down), in the same query.
     rating = Feedback.objects.filter(message=OuterRef("pk"), user=user).values("rating")[:1]
-    return conversation, list(conversation.messages.shown().annotate(my_rating=Subquery(rating)))
+    page = list(rows.annotate(my_rating=Subquery(rating)).order_by("-created_at", "-id")[: size + 1])
+    more = len(page) > size
+    return page[:size][::-1], more
+
+
+def open_conversation(user, conversation_id: str) -> tuple[Conversation, list[Message], bool]:
+    """The user's conversation, its newest messages (replies left by a dead process marked
+    `interrupted` first) and whether earlier ones remain (``history_page``)."""
+    conversation = get_conversation(user, conversation_id)
+    recover_stale(conversation.pk)
+    return conversation, *_page(user, conversation)
+
+
+def history_page(user, conversation_id: str, before_id: str) -> tuple[Conversation, list[Message], bool]:
+    """The page of messages before message ``before_id`` of the user's conversation, and whether
+    earlier ones remain."""
+    conversation = get_conversation(user, conversation_id)
+    before = Message.objects.filter(pk=_pk(before_id), conversation=conversation).first()
+    if before is None:
+        raise ProtocolError(protocol.NOT_FOUND, "No such message in this conversation.")
+    return conversation, *_page(user, conversation, before)
 
 
 def _scope(conversation: Conversation) -> search.Scope | None:
@@ -268,14 +291,20 @@ def request_stop(user, message_id: str) -> Message | None:
 
 
 def prompt_history(conversation_id: int, user_message_id: int) -> list[dict[str, str]]:
-    """The turns before ``user_message_id``, oldest first, as chat messages.
+    """The turns before ``user_message_id``, oldest first, as chat messages: at most the last
+    CHAT_PROMPT_HISTORY_MESSAGES rows, in one query (the prompt's token budget then keeps what fits).
 
-    Of several replies to one user message (regenerated) only the newest with text counts.
+    Of several replies to one user message (regenerated) only the newest with text counts; a reply
+    whose user message fell outside the window is left out.
     """
-    rows = Message.objects.shown().filter(conversation_id=conversation_id, id__lt=user_message_id).order_by("id")
+    rows = (
+        Message.objects.shown()
+        .filter(conversation_id=conversation_id, id__lt=user_message_id)
+        .order_by("-created_at", "-id")[: settings.CHAT_PROMPT_HISTORY_MESSAGES]
+    )
     latest_reply: dict[int, Message] = {}
     users: list[Message] = []
-    for row in rows:
+    for row in reversed(list(rows)):
         if row.role == Message.Role.USER:
             users.append(row)
         elif row.content and row.reply_to_id:

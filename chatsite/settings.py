@@ -219,6 +219,19 @@ CHAT_SESSION_CHECK_SECONDS = env_float("CHAT_SESSION_CHECK_SECONDS", 5.0)
 CHAT_LIMIT_CONCURRENT_REPLIES = env_int("CHAT_LIMIT_CONCURRENT_REPLIES", 3)
 CHAT_LIMIT_MESSAGES_PER_MINUTE = env_int("CHAT_LIMIT_MESSAGES_PER_MINUTE", 20)
 CHAT_LIMIT_CONVERSATIONS = env_int("CHAT_LIMIT_CONVERSATIONS", 5000)
+# Sockets and what each may cost (chat/sockets.py, chat/replies/join.py); 0 switches a limit off.
+# Open sockets per user, counted in Redis across processes; the one over it is closed with 4429.
+CHAT_MAX_SOCKETS_PER_USER = env_int("CHAT_MAX_SOCKETS_PER_USER", 20)
+# A socket's count lapses this long after its process stops refreshing it (a process that died).
+CHAT_SOCKET_TTL_SECONDS = env_float("CHAT_SOCKET_TTL_SECONDS", 60.0)
+CHAT_LIMIT_OPENS_PER_MINUTE = env_int("CHAT_LIMIT_OPENS_PER_MINUTE", 60)
+# `history` holds at most this many messages; `open` with `before` pages back through the rest.
+CHAT_HISTORY_PAGE = env_int("CHAT_HISTORY_PAGE", 200)
+# The prompt is built from at most this many of the latest messages (then fitted to the token budget).
+CHAT_PROMPT_HISTORY_MESSAGES = env_int("CHAT_PROMPT_HISTORY_MESSAGES", 200)
+# Frames a socket joining a reply mid-stream holds while it waits for the text so far; past this it
+# gives up and tells the client to re-sync.
+CHAT_JOIN_MAX_HELD_FRAMES = env_int("CHAT_JOIN_MAX_HELD_FRAMES", 1000)
 SIGNUP_LIMIT_PER_HOUR = env_int("SIGNUP_LIMIT_PER_HOUR", 5)
 LOGIN_FAILURES_PER_USERNAME = env_int("LOGIN_FAILURES_PER_USERNAME", 5)  # per window
 LOGIN_FAILURES_PER_ADDRESS = env_int("LOGIN_FAILURES_PER_ADDRESS", 20)  # per window

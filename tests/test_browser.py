@@ -676,4 +676,32 @@ def test_the_policy_refuses_what_gets_past_and_nothing_the_pages_need(site, brow
     expect(admin.locator("#feedback-per-model caption")).to_be_visible()
     admin.screenshot(path=SCREENSHOTS / "csp-admin-feedback.png")
     assert violations == []
+
+
+def test_a_long_conversation_shows_its_latest_page_and_loads_earlier_ones(site, browser):
+    """`history` holds the latest CHAT_HISTORY_PAGE (200) messages; the page asks for earlier pages
+    with its button and when scrolled to the top, and keeps them in order."""
+    title = f"Long one {time.time_ns()}"
+    site.manage("shell", "-c", (
+        "from django.contrib.auth.models import User; from chat.models import Conversation, Message; "
+        f"c = Conversation.objects.create(owner=User.objects.get(username={USERNAME!r}), title={title!r}); "
+        "Message.objects.bulk_create([Message(conversation=c, role='user', content=f'note {i}') for i in range(450)])"
+    ))  # fmt: skip
+    context, page = logged_in(browser, site.ports[0])
+    page.get_by_role("link", name=title).click()
+    bodies = page.locator(".message.user .body")
+    expect(bodies).to_have_count(200)
+    expect(bodies.first).to_have_text("note 250")
+    expect(bodies.last).to_have_text("note 449")
+    earlier = page.get_by_role("button", name="Load earlier messages")
+    expect(earlier).to_be_visible()
+    earlier.click()
+    expect(bodies).to_have_count(400)
+    expect(bodies.first).to_have_text("note 50")
+    # Scrolled to the top: the rest comes, and there is nothing earlier to ask for.
+    page.locator("#messages").evaluate("el => el.scrollTo(0, 0)")
+    expect(bodies).to_have_count(450)
+    expect(earlier).to_be_hidden()
+    texts = bodies.all_text_contents()
+    assert texts == [f"note {i}" for i in range(450)]
     context.close()

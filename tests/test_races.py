@@ -6,12 +6,13 @@ import time
 import uuid
 
 import pytest
+from channels.layers import get_channel_layer
 from django.db import connection, transaction
 
-from chat import services
+from chat import protocol, services
 from chat.consumers import ChatConsumer
 from chat.models import Conversation, Message
-from chat.replies import row
+from chat.replies import events, row
 from chat.replies.row import Outcome
 from tests.conftest import Client
 
@@ -116,19 +117,26 @@ async def test_a_channel_layer_failure_after_the_commit_leaves_no_orphan_streami
         await client.recv_until("done")
 
 
-async def test_a_reply_deleted_while_a_socket_joins_it_is_left_out_of_history(alice, monkeypatch):
-    monkeypatch.setattr("chat.replies.join.SNAPSHOT_TIMEOUT", 0.5)
+async def test_a_reply_deleted_while_a_socket_joins_it_is_left_out_of_history(alice):
+    layer = get_channel_layer()
+    generator = await layer.new_channel()  # the reply's process: this test answers for it
     conversation = await Conversation.objects.acreate(owner=alice)
     question = await Message.objects.acreate(conversation=conversation, role="user", content="q")
-    # A streaming reply whose process does not answer snapshot requests: the socket waits, then reads the row.
     reply = await Message.objects.acreate(conversation=conversation, role="assistant", status="streaming",
-                                          reply_to=question, control_channel="")  # fmt: skip
+                                          reply_to=question, control_channel=generator)  # fmt: skip
     async with Client(alice) as client:
         await client.send({"type": "open", "conversation_id": str(conversation.pk)})
-        await asyncio.sleep(0.1)
-        await Message.objects.filter(pk=reply.pk).adelete()  # an admin deletes it meanwhile
+        # The socket read the reply as streaming and is joining it: its snapshot request came.
+        request = await asyncio.wait_for(layer.receive(generator), 10)
+        assert request == events.snapshot_request(reply.pk, request["reply_channel"])
+        # A chunk of the reply reaches the socket while it waits (held), then an admin deletes the reply.
+        await layer.group_send(events.group_name(conversation.pk), events.frames(protocol.chunk(reply.pk, 0, "par")))
+        await Message.objects.filter(pk=reply.pk).adelete()
+        # Its process answers as for a reply it no longer runs: the socket asks the database.
+        await layer.send(request["reply_channel"], events.snapshot(reply.pk, None))
         history = await client.recv()
         assert history["type"] == "history"
         assert [m["id"] for m in history["messages"]] == [str(question.pk)]
+        assert await client.nothing_more()  # the held chunk of the deleted reply is not released
         assert (await client.say("still works?", str(conversation.pk)))["type"] == "ack"
         await client.recv_until("done")

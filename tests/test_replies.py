@@ -64,25 +64,39 @@ async def streaming_reply(user, control_channel: str = "", content: str = "saved
     )
 
 
+class Socket:
+    """What a Join sends to its socket, and what its ``then`` was given."""
+
+    def __init__(self) -> None:
+        self.sent: list[dict] = []
+        self.given: list[tuple] = []
+
+    async def send(self, frame: dict) -> None:
+        self.sent.append(frame)
+
+    async def then(self, text, final) -> None:
+        self.given.append((text, final.status if final else None))
+
+
 async def test_snapshot_answer_releases_held_frames_by_offset(alice):
     layer = InMemoryChannelLayer()
     me = await layer.new_channel()
     generator = await layer.new_channel()
     reply = await streaming_reply(alice, control_channel=generator)
-    join, given = Join(layer, me), []
-
-    async def then(text, final):
-        given.append((text, final))
-
-    await join.start(reply, then, frozenset())
+    socket = Socket()
+    join = Join(layer, me, socket.send)
+    await join.start(reply, socket.then, frozenset(), conversation_id=reply.conversation_id)
     request = await layer.receive(generator)
     assert request == events.snapshot_request(reply.pk, me)
-    join.hold(chunk(0, "live text", reply.pk))
-    join.hold(chunk(9, " and more", reply.pk))
-    released = await join.answered(events.snapshot(reply.pk, "live t"))
-    assert given == [("live t", None)]
-    assert released == [chunk(6, "ext", reply.pk), chunk(9, " and more", reply.pk)]
+    await join.deliver(chunk(0, "live text", reply.pk))
+    await join.deliver(chunk(9, " and more", reply.pk))
+    assert socket.sent == []  # held
+    await join.answered(events.snapshot(reply.pk, "live t"))
+    assert socket.given == [("live t", None)]
+    assert socket.sent == [chunk(6, "ext", reply.pk), chunk(9, " and more", reply.pk)]
     assert not join.holding
+    await join.deliver(chunk(18, "!", reply.pk))
+    assert socket.sent[-1] == chunk(18, "!", reply.pk)  # no longer held
     join.close()
 
 
@@ -92,18 +106,17 @@ async def test_no_snapshot_in_time_falls_back_to_the_database(alice, monkeypatch
     me = await layer.new_channel()
     # The generating process is gone: its control channel has no listener.
     reply = await streaming_reply(alice, control_channel=await layer.new_channel(), content="saved so far")
-    join, given = Join(layer, me), []
-
-    async def then(text, final):
-        given.append((text, final))
-
-    await join.start(reply, then, frozenset())
-    join.hold(chunk(0, "saved so far, and on", reply.pk))
-    deadline_event = await asyncio.wait_for(layer.receive(me), 2)  # our own deadline fired
-    assert deadline_event == events.snapshot(reply.pk, None)
-    released = await join.answered(deadline_event)
-    assert given == [("saved so far", None)]
-    assert released == [chunk(12, ", and on", reply.pk)]
+    socket = Socket()
+    join = Join(layer, me, socket.send)
+    await join.start(reply, socket.then, frozenset(), conversation_id=reply.conversation_id)
+    await join.deliver(chunk(0, "saved so far, and on", reply.pk))
+    for _ in range(100):  # the deadline fires in this process
+        if socket.given:
+            break
+        await asyncio.sleep(0.05)
+    assert socket.given == [("saved so far", None)]
+    assert socket.sent == [chunk(12, ", and on", reply.pk)]
+    assert not join.holding
     join.close()
 
 
@@ -112,14 +125,12 @@ async def test_reply_finished_meanwhile_gives_the_final_row(alice):
     me = await layer.new_channel()
     reply = await streaming_reply(alice)
     await Message.objects.filter(pk=reply.pk).aupdate(status="complete", content="all of it")
-    join, given = Join(layer, me), []
-
-    async def then(text, final):
-        given.append((text, final.status if final else None))
-
-    await join.start(reply, then, frozenset())
-    assert await join.answered(events.snapshot(reply.pk, None)) == []
-    assert given == [("all of it", "complete")]
+    socket = Socket()
+    join = Join(layer, me, socket.send)
+    await join.start(reply, socket.then, frozenset(), conversation_id=reply.conversation_id)
+    await join.answered(events.snapshot(reply.pk, None))
+    assert socket.sent == []
+    assert socket.given == [("all of it", "complete")]
     join.close()
 
 

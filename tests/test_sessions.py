@@ -49,6 +49,26 @@ async def test_next_frame_after_the_login_ends_closes_the_socket(alice, end_logi
         assert await client.communicator.receive_output(timeout=5) == CLOSED
 
 
+MALFORMED = {
+    "not JSON": {"text_data": "{not json"},
+    "unknown type": {"text_data": '{"type": "teleport"}'},
+    "missing field": {"text_data": '{"type": "open"}'},
+    "bad send": {"text_data": '{"type": "send", "conversation_id": null, "content": "hi"}'},
+    "binary": {"bytes_data": b"\x00\x01"},
+}
+
+
+@pytest.mark.parametrize("frame", MALFORMED.values(), ids=MALFORMED.keys())
+async def test_a_malformed_frame_after_the_login_ends_closes_the_socket(alice, frame):
+    """Not `bad_request`: a logged-out socket is told nothing but that its login is over."""
+    async with Client(alice) as client:
+        await client.communicator.send_to(**frame)
+        assert (await client.recv())["code"] == "bad_request"  # logged in: told what was wrong
+        await expire(client)
+        await client.communicator.send_to(**frame)
+        assert await client.communicator.receive_output(timeout=5) == CLOSED
+
+
 async def test_a_socket_that_only_receives_is_closed_soon_after_its_session_expires(alice, settings):
     settings.CHAT_SESSION_CHECK_SECONDS = 0.5
     async with Client(alice) as writer, Client(alice) as reader:

@@ -99,6 +99,9 @@ class Prepare(AsyncNode):
 
 
 class LoadHistory(AsyncNode):
+    """The latest CHAT_PROMPT_HISTORY_MESSAGES messages, in one query however long the conversation
+    (BuildPrompt then keeps the turns that fit the window)."""
+
     async def prep_async(self, shared: dict[str, Any]) -> tuple[int, int] | None:
         return None if shared["new_conversation"] else (shared["conversation_id"], shared["user_message_id"])
 

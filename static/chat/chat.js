@@ -49,6 +49,11 @@
         location.href = "/accounts/login/?session=ended&next=" + encodeURIComponent(location.pathname);
         return;
       }
+      if (event.code === 4429) { // this user has too many sockets open: wait for one to close
+        connection.textContent = "Too many tabs are open: close one, and this one reconnects.";
+        setTimeout(connect, 30000);
+        return;
+      }
       setTimeout(connect, Math.min(10000, 500 * 2 ** retry++));
     };
   }
@@ -170,6 +175,7 @@
     let entry = messages.get(m.id);
     if (!entry) {
       entry = {role: m.role, text: "", status: m.status, sources: [], el: bubble(m.role, "", m.status)};
+      entry.el.dataset.id = m.id;
       messages.set(m.id, entry);
     }
     entry.text = m.content;
@@ -192,11 +198,58 @@
     for (const [messageId, entry] of messages) renderActions(messageId, entry);
   }
 
+  // --- earlier messages: `history` holds the latest page; `open` with `before` gets the one before it --
+  const earlierButton = document.createElement("button");
+  earlierButton.type = "button";
+  earlierButton.className = "secondary earlier";
+  earlierButton.id = "earlier";
+  earlierButton.textContent = "Load earlier messages";
+  earlierButton.hidden = true;
+  list.prepend(earlierButton);
+  let loadingEarlier = false;
+  function loadEarlier() {
+    const oldest = list.querySelector(".message[data-id]");
+    if (loadingEarlier || earlierButton.hidden || !oldest || !conversationId) return;
+    loadingEarlier = true;
+    earlierButton.disabled = true;
+    send({type: "open", conversation_id: conversationId, before: oldest.dataset.id});
+  }
+  earlierButton.addEventListener("click", loadEarlier);
+  function showEarlier(more) {
+    earlierButton.hidden = !more;
+    earlierButton.disabled = false;
+    loadingEarlier = false;
+  }
+
+  // An earlier page goes above what is shown; the view stays where the user was reading.
+  function prependPage(frame) {
+    const first = earlierButton.nextElementSibling;
+    const height = list.scrollHeight;
+    const older = new Map();
+    for (const m of frame.messages) {
+      if (messages.has(m.id)) continue;
+      const entry = addMessage(m);
+      first ? list.insertBefore(entry.el, first) : list.append(entry.el);
+      older.set(m.id, messages.get(m.id));
+      messages.delete(m.id);
+    }
+    // The map keeps display order: older messages first (variants are listed from it).
+    const shown = [...messages];
+    messages.clear();
+    for (const [id, entry] of [...older, ...shown]) messages.set(id, entry);
+    new Set(frame.messages.filter((m) => m.reply_to).map((m) => m.reply_to))
+      .forEach((userId) => showVariant(userId, variantsOf(userId).length - 1));
+    for (const [id, entry] of messages) renderActions(id, entry); // which reply is the last one, again
+    list.scrollTop += list.scrollHeight - height;
+    showEarlier(frame.more);
+  }
+
   // --- following the reply: the view scrolls with it until the user scrolls up -------------------
   let pinned = true;
   list.addEventListener("scroll", () => {
     pinned = list.scrollHeight - list.scrollTop - list.clientHeight < 80;
     jumpButton.hidden = pinned;
+    if (list.scrollTop < 40) loadEarlier();
   });
   function followIfPinned() {
     if (pinned) list.scrollTop = list.scrollHeight;
@@ -409,6 +462,7 @@
     switch (frame.type) {
       case "history": {
         if (frame.conversation_id !== conversationId) return;
+        if (frame.before) { prependPage(frame); break; }
         useDocuments.checked = frame.use_documents !== false;
         document.getElementById("topbar-title").textContent = frame.title || "New chat";
         messages.clear();
@@ -421,6 +475,7 @@
         for (const p of pending.values()) list.append(p.el); // still unacknowledged: keep at the end
         welcome.hidden = frame.messages.length > 0 || pending.size > 0;
         list.scrollTop = list.scrollHeight;
+        showEarlier(frame.more);
         break;
       }
       case "ack": {
@@ -437,6 +492,7 @@
           // An edit resent after a reconnect: the history shown meanwhile may still hold what it replaced.
           if (p.replaces) dropFrom(p.replaces);
           const mine = {role: "user", text: p.content, status: "complete", el: p.el};
+          p.el.dataset.id = frame.user_message_id;
           messages.set(frame.user_message_id, mine);
           setStatus(p.el, "complete");
           renderActions(frame.user_message_id, mine);
@@ -518,7 +574,14 @@
         } else if (p) {
           pending.delete(frame.client_id);
           refused(frame, p);
+        } else if (frame.code === "out_of_sync" && frame.conversation_id === conversationId) {
+          send({type: "open", conversation_id: conversationId}); // re-sync, as on a gap
+        } else if (frame.code === "rate_limited" && frame.conversation_id && frame.retry_after) {
+          // A refused `open`: asked again when the limit allows (an earlier page, or the conversation).
+          if (loadingEarlier) showEarlier(true);
+          else setTimeout(() => { if (frame.conversation_id === conversationId) send({type: "open", conversation_id: conversationId}); }, frame.retry_after * 1000);
         } else {
+          if (loadingEarlier) showEarlier(true);
           toast(frame.message);
         }
         break;
