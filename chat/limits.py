@@ -6,7 +6,8 @@
   under load), so such a burst can pass the limit by the number racing.
 - Messages per minute per user, sign-ups per address per hour, failed logins
   per username and per address: counters in Redis (INCR in a fixed window;
-  ``retry_after`` is the time left in the window).
+  ``retry_after`` is the time left in the window). A message is counted
+  before ``begin_turn``'s transaction, and given back if the turn made nothing.
 
 A breach raises ``RateLimited``: a `rate_limited` error frame with
 ``retry_after`` on the socket, HTTP 429 with ``Retry-After`` on a page. Every
@@ -21,6 +22,7 @@ import logging
 import math
 import threading
 import time
+from dataclasses import dataclass
 
 import redis
 from django.conf import settings
@@ -50,7 +52,8 @@ def _redis() -> redis.Redis | None:
         # No Redis means the in-memory channel layer, which means one process: its memory is every process's.
         logger.warning("no REDIS_URL: rate limits are counted in this process only")
         return None
-    return redis.Redis.from_url(settings.REDIS_URL, socket_timeout=settings.REDIS_SOCKET_TIMEOUT)
+    timeout = settings.REDIS_SOCKET_TIMEOUT  # a Redis that stopped answering costs a caller at most this
+    return redis.Redis.from_url(settings.REDIS_URL, socket_timeout=timeout, socket_connect_timeout=timeout)
 
 
 _local: dict[str, int] = {}
@@ -66,16 +69,20 @@ def _window(key: str, window: int) -> tuple[str, int]:
 def hit(key: str, window: int) -> tuple[int, int]:
     """Count one event under ``key``; returns (events in this window, seconds left in it)."""
     name, left = _window(key, window)
+    return _incr(name, window), left
+
+
+def _incr(name: str, window: int) -> int:
     client = _redis()
     if client is None:
         with _local_lock:
             _local[name] = _local.get(name, 0) + 1
-            return _local[name], left
+            return _local[name]
     pipe = client.pipeline(transaction=False)
     pipe.incr(name)
     pipe.expire(name, window)
     count, _ = pipe.execute()
-    return count, left
+    return count
 
 
 def count(key: str, window: int) -> tuple[int, int]:
@@ -88,11 +95,55 @@ def count(key: str, window: int) -> tuple[int, int]:
     return int(client.get(name) or 0), left
 
 
-# --- chat turns (in begin_turn's transaction) ---------------------------------------------------
+# --- chat turns -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Charge:
+    """One message counted against the per-minute limit, before the turn's transaction (Redis is another
+    service: no call to it waits while the turn holds its locks). ``name`` is the window's counter."""
+
+    name: str = ""
+    sent: int = 0
+    left: int = 0
+
+    def refusal(self, client_id: str | None) -> RateLimited | None:
+        most = settings.CHAT_LIMIT_MESSAGES_PER_MINUTE
+        if not self.name or self.sent <= most:
+            return None
+        return RateLimited(
+            f"You have sent {most} messages this minute, the most allowed; try again in {self.left} s.",
+            retry_after=self.left,
+            client_id=client_id,
+        )
+
+
+def charge_turn(user) -> Charge:
+    """Count one message of ``user`` against CHAT_LIMIT_MESSAGES_PER_MINUTE (Redis; bounded by REDIS_SOCKET_TIMEOUT)."""
+    if not settings.CHAT_LIMIT_MESSAGES_PER_MINUTE:
+        return Charge()
+    name, left = _window(f"messages:{user.pk}", 60)
+    return Charge(name, _incr(name, 60), left)
+
+
+def refund(charge: Charge) -> None:
+    """Take back a charge whose turn made nothing (it failed, or repeated a known send)."""
+    if not charge.name:
+        return
+    client = _redis()
+    try:
+        if client is None:
+            with _local_lock:
+                _local[charge.name] = _local.get(charge.name, 1) - 1
+        else:
+            client.decr(charge.name)
+    except redis.RedisError:
+        # The count stays one too high until its window ends: the limit errs on the strict side.
+        logger.warning("could not take back a message count (%s)", charge.name, exc_info=True)
 
 
 def check_turn(user, client_id: str | None, *, new_conversation: bool) -> None:
-    """Refuse a new reply over the user's limits; count it against the per-minute one."""
+    """Refuse a new reply over the user's limits counted in PostgreSQL (in begin_turn's transaction)."""
     most = settings.CHAT_LIMIT_CONCURRENT_REPLIES
     if most and Message.objects.filter(conversation__owner=user, status=Message.Status.STREAMING).count() >= most:
         raise RateLimited(
@@ -107,15 +158,6 @@ def check_turn(user, client_id: str | None, *, new_conversation: bool) -> None:
             retry_after=None,
             client_id=client_id,
         )
-    most = settings.CHAT_LIMIT_MESSAGES_PER_MINUTE
-    if most:
-        sent, left = hit(f"messages:{user.pk}", 60)
-        if sent > most:
-            raise RateLimited(
-                f"You have sent {most} messages this minute, the most allowed; try again in {left} s.",
-                retry_after=left,
-                client_id=client_id,
-            )
 
 
 # --- pages --------------------------------------------------------------------------------------
