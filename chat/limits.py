@@ -6,8 +6,7 @@
   under load), so such a burst can pass the limit by the number racing.
 - Messages per minute per user, sign-ups per address per hour, failed logins
   per username and per address: counters in Redis (INCR in a fixed window;
-  ``retry_after`` is the time left in the window). A message is counted
-  before ``begin_turn``'s transaction, and given back if the turn made nothing.
+  ``retry_after`` is the time left in the window).
 
 A breach raises ``RateLimited``: a `rate_limited` error frame with
 ``retry_after`` on the socket, HTTP 429 with ``Retry-After`` on a page. Every
@@ -22,7 +21,6 @@ import logging
 import math
 import threading
 import time
-from dataclasses import dataclass
 
 import redis
 from django.conf import settings
@@ -52,8 +50,7 @@ def _redis() -> redis.Redis | None:
         # No Redis means the in-memory channel layer, which means one process: its memory is every process's.
         logger.warning("no REDIS_URL: rate limits are counted in this process only")
         return None
-    timeout = settings.REDIS_SOCKET_TIMEOUT  # a Redis that stopped answering costs a caller at most this
-    return redis.Redis.from_url(settings.REDIS_URL, socket_timeout=timeout, socket_connect_timeout=timeout)
+    return redis.Redis.from_url(settings.REDIS_URL, socket_timeout=settings.REDIS_SOCKET_TIMEOUT)
 
 
 _local: dict[str, int] = {}
@@ -69,20 +66,16 @@ def _window(key: str, window: int) -> tuple[str, int]:
 def hit(key: str, window: int) -> tuple[int, int]:
     """Count one event under ``key``; returns (events in this window, seconds left in it)."""
     name, left = _window(key, window)
-    return _incr(name, window), left
-
-
-def _incr(name: str, window: int) -> int:
     client = _redis()
     if client is None:
         with _local_lock:
             _local[name] = _local.get(name, 0) + 1
-            return _local[name]
+            return _local[name], left
     pipe = client.pipeline(transaction=False)
     pipe.incr(name)
     pipe.expire(name, window)
     count, _ = pipe.execute()
-    return count
+    return count, left
 
 
 def count(key: str, window: int) -> tuple[int, int]:
@@ -95,55 +88,11 @@ def count(key: str, window: int) -> tuple[int, int]:
     return int(client.get(name) or 0), left
 
 
-# --- chat turns -----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Charge:
-    """One message counted against the per-minute limit, before the turn's transaction (Redis is another
-    service: no call to it waits while the turn holds its locks). ``name`` is the window's counter."""
-
-    name: str = ""
-    sent: int = 0
-    left: int = 0
-
-    def refusal(self, client_id: str | None) -> RateLimited | None:
-        most = settings.CHAT_LIMIT_MESSAGES_PER_MINUTE
-        if not self.name or self.sent <= most:
-            return None
-        return RateLimited(
-            f"You have sent {most} messages this minute, the most allowed; try again in {self.left} s.",
-            retry_after=self.left,
-            client_id=client_id,
-        )
-
-
-def charge_turn(user) -> Charge:
-    """Count one message of ``user`` against CHAT_LIMIT_MESSAGES_PER_MINUTE (Redis; bounded by REDIS_SOCKET_TIMEOUT)."""
-    if not settings.CHAT_LIMIT_MESSAGES_PER_MINUTE:
-        return Charge()
-    name, left = _window(f"messages:{user.pk}", 60)
-    return Charge(name, _incr(name, 60), left)
-
-
-def refund(charge: Charge) -> None:
-    """Take back a charge whose turn made nothing (it failed, or repeated a known send)."""
-    if not charge.name:
-        return
-    client = _redis()
-    try:
-        if client is None:
-            with _local_lock:
-                _local[charge.name] = _local.get(charge.name, 1) - 1
-        else:
-            client.decr(charge.name)
-    except redis.RedisError:
-        # The count stays one too high until its window ends: the limit errs on the strict side.
-        logger.warning("could not take back a message count (%s)", charge.name, exc_info=True)
+# --- chat turns (in begin_turn's transaction) ---------------------------------------------------
 
 
 def check_turn(user, client_id: str | None, *, new_conversation: bool) -> None:
-    """Refuse a new reply over the user's limits counted in PostgreSQL (in begin_turn's transaction)."""
+    """Refuse a new reply over the user's limits counted in PostgreSQL."""
     most = settings.CHAT_LIMIT_CONCURRENT_REPLIES
     if most and Message.objects.filter(conversation__owner=user, status=Message.Status.STREAMING).count() >= most:
         raise RateLimited(
@@ -158,6 +107,38 @@ def check_turn(user, client_id: str | None, *, new_conversation: bool) -> None:
             retry_after=None,
             client_id=client_id,
         )
+
+
+# The per-minute count is in Redis, another service: it is read before the turn's transaction and added to
+# after it, so nothing waits for Redis while a turn holds its locks, a refused turn takes none, and a turn
+# that made nothing (refused, failed, a resend) is not counted. Sends at the same instant can pass the limit
+# by the number racing, as the counts in PostgreSQL can.
+
+
+def messages_refusal(user, client_id: str | None) -> RateLimited | None:
+    """The refusal of one more message of ``user`` this minute (CHAT_LIMIT_MESSAGES_PER_MINUTE), or None."""
+    most = settings.CHAT_LIMIT_MESSAGES_PER_MINUTE
+    if not most:
+        return None
+    sent, left = count(f"messages:{user.pk}", 60)
+    if sent < most:
+        return None
+    return RateLimited(
+        f"You have sent {most} messages this minute, the most allowed; try again in {left} s.",
+        retry_after=left,
+        client_id=client_id,
+    )
+
+
+def count_message(user) -> None:
+    """Count a message whose turn was saved. Its transaction has committed: a Redis failure now leaves
+    the message uncounted (logged), never the turn half-started."""
+    if not settings.CHAT_LIMIT_MESSAGES_PER_MINUTE:
+        return
+    try:
+        hit(f"messages:{user.pk}", 60)
+    except redis.RedisError:
+        logger.warning("user %s: a message was not counted against the per-minute limit", user.pk, exc_info=True)
 
 
 # --- pages --------------------------------------------------------------------------------------

@@ -239,23 +239,16 @@ def begin_turn(
     """Save the user's message and an empty `streaming` reply, or find the earlier send with this client_id.
 
     With ``replaces`` (an edit), that user message and everything after it leave the conversation first.
-    The message is counted against the per-minute limit first, in Redis, before any lock is taken;
-    a turn that then makes nothing (it fails, or repeats a known send) gives the count back.
+    The per-minute limit is read before the transaction and counted after it (chat/limits.py): no lock
+    is held while Redis answers.
     """
-    charge = limits.charge_turn(user)
-    refused = charge.refusal(client_id)
+    refused = limits.messages_refusal(user, client_id)
     # A resend of a known message is answered whatever the count: it makes nothing new.
     if refused is not None and not Message.objects.filter(client_id=client_id, conversation__owner=user).exists():
         raise refused
-    try:
-        turn = _begin_turn(
-            user, conversation_id, client_id, content, use_documents, model_name, control_channel, replaces
-        )
-    except BaseException:
-        limits.refund(charge)
-        raise
-    if turn.replayed:
-        limits.refund(charge)
+    turn = _begin_turn(user, conversation_id, client_id, content, use_documents, model_name, control_channel, replaces)
+    if not turn.replayed:
+        limits.count_message(user)
     return turn
 
 
@@ -309,15 +302,12 @@ def _begin_turn(
 
 def begin_regenerate(user, message_id: str, model_name: str, control_channel: str) -> Turn:
     """A new `streaming` reply to the user message that ``message_id`` is, or answers (counted as begin_turn's)."""
-    charge = limits.charge_turn(user)
-    refused = charge.refusal(None)
+    refused = limits.messages_refusal(user, None)
     if refused is not None:
         raise refused
-    try:
-        return _begin_regenerate(user, message_id, model_name, control_channel)
-    except BaseException:
-        limits.refund(charge)
-        raise
+    turn = _begin_regenerate(user, message_id, model_name, control_channel)
+    limits.count_message(user)
+    return turn
 
 
 def _begin_regenerate(user, message_id: str, model_name: str, control_channel: str) -> Turn:

@@ -53,7 +53,7 @@ async def same_minute() -> None:
 
 
 async def test_a_send_over_the_minute_limit_is_refused_without_taking_the_conversation_lock(alice, settings):
-    """The count is taken before the turn's transaction: a refused send never waits on the lock."""
+    """The count is read before the turn's transaction: a refused send never waits on the lock."""
     settings.CHAT_LIMIT_MESSAGES_PER_MINUTE = 1
     await same_minute()
     async with Client(alice) as client:
@@ -85,12 +85,12 @@ async def test_a_send_over_the_minute_limit_is_refused_without_taking_the_conver
     assert waited < settings.DATABASE_LOCK_TIMEOUT / 2  # it did not wait for the lock (nor time out on it)
 
 
-async def test_a_send_that_makes_nothing_gives_its_count_back(alice, settings):
+async def test_a_send_that_makes_nothing_is_not_counted(alice, settings):
     settings.CHAT_LIMIT_MESSAGES_PER_MINUTE = 2
     await same_minute()
     async with Client(alice) as client:
         first = await client.say("[tokens=3][first_delay=2]")  # counted: 1
-        for _ in range(3):  # each is counted, refused as busy, and given back
+        for _ in range(3):  # refused as busy: their transactions made nothing, and nothing is counted
             assert (await client.say("meanwhile", first["conversation_id"]))["code"] == "busy"
         await client.recv_until("done")
         assert (await client.say("two", first["conversation_id"]))["type"] == "ack"  # counted: 2
