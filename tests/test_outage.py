@@ -4,8 +4,12 @@ them (SIGSTOP) to see every wait end within its bound."""
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 
@@ -14,7 +18,7 @@ import pytest
 import redis
 
 from chatsite import embedded
-from tests.servers import Site, login
+from tests.servers import ROOT, Site, login
 from tests.test_resilience import frames_until, send, socket
 
 pytestmark = pytest.mark.e2e
@@ -223,3 +227,42 @@ def test_a_stalled_redis_is_an_error_within_the_bound_with_no_transaction_open_a
     assert sent(stall_site, frame["client_id"]) == 0
     assert page == 200
     assert after[-1]["status"] == "complete"
+
+
+LIMITS_SCRIPT = """
+from django.db import connection
+with connection.cursor() as cursor:
+    for name in ("statement_timeout", "lock_timeout", "idle_in_transaction_session_timeout"):
+        cursor.execute("SHOW " + name)
+        print(name, cursor.fetchone()[0])
+    print("connect_timeout", connection.connection.info.get_parameters().get("connect_timeout"))
+    try:
+        cursor.execute("SELECT pg_sleep(1)")
+        print("slept")
+    except Exception as error:
+        print("refused", type(error.__cause__).__name__)
+"""
+
+
+def test_every_connection_starts_with_the_time_limits_and_migrate_runs_without_the_statement_one(tmp_path):
+    """A statement limit of 10 ms: `migrate` (an extension, tables, GIN and HNSW indexes) still runs whole,
+    and on any other connection a longer statement is cancelled by the server."""
+    db = embedded.postgres(tmp_path)
+    try:
+        env = {**os.environ, "DATABASE_URL": f"postgres://postgres@{urllib.parse.quote(db['HOST'], safe='')}/postgres",
+               "REDIS_URL": "redis://127.0.0.1:1/0", "CHATSITE_VAR_DIR": str(tmp_path),
+               "DJANGO_SETTINGS_MODULE": "chatsite.settings", "DATABASE_STATEMENT_TIMEOUT": "0.01"}  # fmt: skip
+        migrate = subprocess.run([sys.executable, "manage.py", "migrate", "--noinput"], env=env, cwd=ROOT,
+                                 capture_output=True, text=True)  # fmt: skip
+        assert migrate.returncode == 0, migrate.stderr[-2000:]
+        shell = subprocess.run([sys.executable, "manage.py", "shell", "--no-imports", "-c", LIMITS_SCRIPT], env=env,
+                               cwd=ROOT, capture_output=True, text=True, check=True)  # fmt: skip
+    finally:
+        embedded.stop_postgres(tmp_path)
+    assert shell.stdout.split("\n")[:5] == [
+        "statement_timeout 10ms",
+        "lock_timeout 5s",
+        "idle_in_transaction_session_timeout 30s",
+        "connect_timeout 5",
+        "refused QueryCanceled",
+    ]
