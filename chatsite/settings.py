@@ -147,7 +147,7 @@ _db_limits = {
     "idle_in_transaction_session_timeout": DATABASE_IDLE_IN_TRANSACTION_TIMEOUT,
 }
 # Sent when each connection starts (libpq `options`): no statement of its own. (PgBouncer refuses startup
-# options unless `ignore_startup_parameters = options`; set them there with ALTER ROLE ... SET instead.)
+# options unless told to ignore them; behind it, set them with ALTER ROLE ... SET and these to 0.)
 _db_startup = " ".join(f"-c {name}={int(seconds * 1000)}" for name, seconds in _db_limits.items() if seconds)
 if _db_startup:
     _db_options["options"] = f"{_db_options.get('options', '')} {_db_startup}".strip()
