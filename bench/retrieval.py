@@ -215,6 +215,8 @@ def add_copies() -> None:
                 )
         print(f"  copy {copy + 1}/{copies}: {Chunk.objects.count()} chunks ({time.monotonic() - started:.0f} s)")
     with connection.cursor() as cursor:
+        # Vacuuming the HNSW index of 100k chunks can take longer than the site's statement limit.
+        cursor.execute("SET statement_timeout = 0")
         cursor.execute("VACUUM ANALYZE documents_chunk")
         cursor.execute("VACUUM ANALYZE documents_document")
 

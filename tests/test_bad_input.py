@@ -1,8 +1,11 @@
 """Bad frames get a clear error and the socket stays usable; provider failures end cleanly."""
 
+import io
+import logging
 import uuid
 
 import pytest
+from asgiref.sync import sync_to_async
 from django.test import override_settings
 
 from chat.llm.base import NOT_SET_UP
@@ -104,19 +107,39 @@ async def test_provider_http_error_is_a_clear_error(alice):
     assert (reply.status, reply.content) == ("error", "")
 
 
-async def test_provider_down_is_a_clear_error_and_nothing_half_written(alice, settings):
-    # Nothing listens on the discard port; the URL carries credentials, as some deployments' do.
-    settings.OPENAI_BASE_URL = "http://proxy-user:s3cret@127.0.0.1:9/v1"
+# Credentials in the provider's URL, as some deployments' proxies need, and a key in its query.
+PASSWORD, QUERY_SECRET = "s3cret-pw", "qs3cret-key"
+
+
+def credentialed(base_url: str) -> str:
+    return base_url.replace("://", f"://proxy-user:{PASSWORD}@", 1) + f"?api-key={QUERY_SECRET}"
+
+
+def assert_no_secret(text: str) -> None:
+    assert PASSWORD not in text and QUERY_SECRET not in text and "proxy-user" not in text
+
+
+async def test_provider_down_is_a_clear_error_and_nothing_half_written(alice, settings, caplog):
+    # Nothing listens on the discard port.
+    settings.OPENAI_BASE_URL = credentialed("http://127.0.0.1:9/v1")
     async with Client(alice) as client:
         ack = await client.say("anyone there?")
         frames = await client.recv_until("done")
         done = frames[-1]
         assert done["status"] == "error" and done["error"]["code"] == "provider_error"
         assert done["error"]["message"] == "The model provider could not be reached."
-        # Users never see the endpoint; staff see it in admin.
-        assert "s3cret" not in str(frames) and "127.0.0.1" not in str(frames)
+        # Users never see the endpoint; staff see which one it was, without its secrets.
+        assert_no_secret(str(frames))
+        assert "127.0.0.1" not in str(frames)
         saved = await Message.objects.aget(pk=ack["assistant_message_id"])
-        assert "127.0.0.1:9" in saved.error_detail
+        assert_no_secret(saved.error_detail)
+        assert "127.0.0.1:9/v1" in saved.error_detail
+        # The log line as the code wrote it (the test's capture has no redacting formatter).
+        logged = [
+            r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "no connection" in r.getMessage()
+        ]
+        assert logged and "127.0.0.1:9/v1" in logged[0]
+        assert_no_secret("\n".join(logged))
         # The conversation is consistent and usable: nothing is left streaming.
         assert await Message.objects.filter(status="streaming").acount() == 0
         await client.send({"type": "open", "conversation_id": ack["conversation_id"]})
@@ -126,6 +149,93 @@ async def test_provider_down_is_a_clear_error_and_nothing_half_written(alice, se
             ("assistant", "error", ""),
         ]
         assert history[1]["error"]["code"] == "provider_error"
+
+
+async def test_provider_error_quoting_the_url_stores_and_shows_no_secret(alice, settings, llm_server, caplog):
+    # The test server's error quotes the request line, query string included (the openai client keeps
+    # a base URL's query); the URL's userinfo goes to the server as a Basic authorization.
+    settings.OPENAI_BASE_URL = credentialed(llm_server.base_url)
+    async with Client(alice) as client:
+        ack = await client.say("[status=502]")
+        frames = await client.recv_until("done")
+    assert frames[-1]["error"]["message"] == "The model provider answered with an error (502)."
+    assert_no_secret(str(frames))
+    saved = await Message.objects.aget(pk=ack["assistant_message_id"])
+    assert "scripted failure of POST /v1/" in saved.error_detail  # the upstream's words are kept for staff
+    assert f"127.0.0.1:{llm_server.port}/v1" in saved.error_detail
+    assert_no_secret(saved.error_detail)
+    assert_no_secret("\n".join(r.getMessage() for r in caplog.records))
+    # And admin shows it so.
+    page = await sync_to_async(admin_page)(ack["conversation_id"], ack["assistant_message_id"])
+    assert f"127.0.0.1:{llm_server.port}/v1" in page
+    assert_no_secret(page)
+
+
+def admin_page(conversation_id: str, message_id: str) -> str:
+    """The conversation's and the reply's admin pages, as a superuser sees them."""
+    from django.contrib.auth.models import User
+    from django.test import Client as HttpClient
+
+    admin = User.objects.filter(username="root").first() or User.objects.create_superuser("root", password="pw-root-1")
+    http = HttpClient()
+    http.force_login(admin)
+    pages = [
+        http.get(f"/admin/chat/conversation/{conversation_id}/change/"),
+        http.get(f"/admin/chat/message/{message_id}/change/"),
+    ]
+    assert [page.status_code for page in pages] == [200, 200]
+    return "\n".join(page.content.decode() for page in pages)
+
+
+async def test_admin_shows_an_old_unredacted_detail_redacted(alice):
+    """A row stored before details were redacted: admin hides its secrets when it shows it."""
+    from chat.models import Conversation
+
+    conversation = await Conversation.objects.acreate(owner=alice, title="t")
+    question = await Message.objects.acreate(conversation=conversation, role="user", content="q")
+    reply = await Message.objects.acreate(
+        conversation=conversation,
+        role="assistant",
+        status="error",
+        reply_to=question,
+        error_detail=f"{credentialed('https://llm.example:8443/v1')}: no connection",
+    )
+    page = await sync_to_async(admin_page)(conversation.pk, reply.pk)
+    assert "https://***@llm.example:8443/v1?***" in page
+    assert_no_secret(page)
+
+
+def test_chat_command_prints_no_secret(alice, settings, capsys):
+    from django.core.management import CommandError, call_command
+
+    settings.OPENAI_BASE_URL = credentialed("http://127.0.0.1:9/v1")
+    with pytest.raises(CommandError) as raised:
+        call_command("chat", "anyone there?", user="alice")
+    out = capsys.readouterr()
+    assert "The model provider could not be reached." in out.err
+    assert_no_secret(out.out + out.err + str(raised.value))
+    assert_no_secret(Message.objects.get(role="assistant").error_detail)
+
+
+def test_the_log_formatter_alone_redacts_a_url_logged_raw():
+    """The site's log handler (settings.LOGGING) hides a URL's secrets that the code logged as they were,
+    in the message and in a traceback."""
+    handler = next(h for h in logging.getLogger().handlers if h.get_name() == "console")
+    url = credentialed("https://llm.example/v1")
+    out = io.StringIO()
+    previous = handler.setStream(out)
+    try:
+        logging.getLogger("chat.anything").warning("calling %s failed", url)
+        try:
+            raise ConnectionError(f"could not reach {url}")
+        except ConnectionError:
+            logging.getLogger("chat.anything").exception("and again")
+    finally:
+        handler.setStream(previous)
+    text = out.getvalue()
+    assert "calling https://***@llm.example/v1?*** failed" in text
+    assert "ConnectionError: could not reach https://***@llm.example/v1?***" in text
+    assert_no_secret(text)
 
 
 async def test_provider_timeout_mid_stream_is_reported(alice, settings):

@@ -3,10 +3,13 @@
 
 import asyncio
 import json
+import threading
 import time
+import uuid
 
 import pytest
 from django.contrib.auth.models import User
+from django.db import connection, transaction
 
 from chat.models import Conversation, Message
 from tests.conftest import Client
@@ -41,6 +44,71 @@ async def test_messages_per_minute(alice, settings):
     assert refused["code"] == "rate_limited" and 0 < refused["retry_after"] <= 60
     assert "3 messages this minute" in refused["message"]
     assert await Message.objects.filter(content="message 3").acount() == 0
+
+
+async def same_minute() -> None:
+    """The per-minute window is a clock minute: a test that counts in it must not straddle two."""
+    if 60 - time.time() % 60 < 15:
+        await asyncio.sleep(60 - time.time() % 60)
+
+
+async def test_a_send_over_the_minute_limit_is_refused_without_taking_the_conversation_lock(alice, settings):
+    """The count is read before the turn's transaction: a refused send never waits on the lock."""
+    settings.CHAT_LIMIT_MESSAGES_PER_MINUTE = 1
+    await same_minute()
+    async with Client(alice) as client:
+        first = await client.say("one")
+        await client.recv_until("done")
+        locked, release = threading.Event(), threading.Event()
+
+        def hold_the_conversation() -> None:
+            try:
+                with transaction.atomic():
+                    Conversation.objects.select_for_update().get(pk=first["conversation_id"])
+                    locked.set()
+                    release.wait(15)
+            finally:
+                connection.close()
+
+        holder = threading.Thread(target=hold_the_conversation)
+        holder.start()
+        try:
+            assert await asyncio.to_thread(locked.wait, 5)
+            started = time.monotonic()
+            refused = await client.say("two", first["conversation_id"])
+            waited = time.monotonic() - started
+            assert holder.is_alive()  # the lock was held all along
+        finally:
+            release.set()
+            await asyncio.to_thread(holder.join, 5)
+    assert refused["code"] == "rate_limited" and "1 messages this minute" in refused["message"]
+    assert waited < settings.DATABASE_LOCK_TIMEOUT / 2  # it did not wait for the lock (nor time out on it)
+
+
+async def test_a_send_that_makes_nothing_is_not_counted(alice, settings):
+    settings.CHAT_LIMIT_MESSAGES_PER_MINUTE = 2
+    await same_minute()
+    async with Client(alice) as client:
+        first = await client.say("[tokens=3][first_delay=2]")  # counted: 1
+        for _ in range(3):  # refused as busy: their transactions made nothing, and nothing is counted
+            assert (await client.say("meanwhile", first["conversation_id"]))["code"] == "busy"
+        await client.recv_until("done")
+        assert (await client.say("two", first["conversation_id"]))["type"] == "ack"  # counted: 2
+        await client.recv_until("done")
+        refused = await client.say("three", first["conversation_id"])
+    assert refused["code"] == "rate_limited"
+
+
+async def test_a_resend_over_the_minute_limit_still_gets_its_ack(alice, settings):
+    """A resend of a known client_id makes nothing new: the limit does not stand between it and its ack."""
+    settings.CHAT_LIMIT_MESSAGES_PER_MINUTE = 1
+    await same_minute()
+    async with Client(alice) as client:
+        ack = await client.say("one", client_id=(client_id := str(uuid.uuid4())))
+        await client.recv_until("done")
+        assert (await client.say("two"))["code"] == "rate_limited"
+        again = await client.say("one", client_id=client_id)
+    assert again == ack
 
 
 async def test_conversations_per_user(alice, settings):

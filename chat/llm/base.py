@@ -12,6 +12,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from chat.llm.redact import redact
+
 ChatMessages = list[dict[str, str]]
 
 
@@ -39,10 +41,12 @@ class ProviderError(Exception):
     ``message`` is what the user is shown: short, and free of anything about
     the deployment (endpoint URLs, which may hold credentials; host names;
     file paths; raw upstream text). ``detail`` says what happened, for the
-    log and for staff in admin (``Message.error_detail``).
+    log and for staff in admin (``Message.error_detail``). Both are redacted here (chat/llm/redact.py),
+    so no credential of a provider URL reaches either, nor the exception's own text.
     """
 
     def __init__(self, code: str, message: str, detail: str = "") -> None:
+        message, detail = redact(message), redact(detail)
         super().__init__(detail or message)
         self.code = code
         self.message = message

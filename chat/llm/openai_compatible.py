@@ -10,6 +10,7 @@ import openai
 from django.conf import settings
 
 from chat.llm.base import ChatMessages, ProviderError, Status, Usage
+from chat.llm.redact import redact
 from chat.protocol import PROVIDER_ERROR
 
 
@@ -20,6 +21,8 @@ class OpenAICompatibleProvider:
         self.max_tokens = settings.LLM_MAX_TOKENS
         self.system_prompt = settings.LLM_SYSTEM_PROMPT
         self.base_url = settings.OPENAI_BASE_URL or "https://api.openai.com/v1"
+        # How error details name the endpoint: its host and path, never its credentials or query.
+        self.endpoint = redact(self.base_url)
         # Built once and reused: a new client per message costs ~50 ms of CPU.
         self.client = openai.AsyncOpenAI(
             # Local OpenAI-compatible servers often need no key, but the client insists on one.
@@ -75,26 +78,26 @@ class OpenAICompatibleProvider:
             raise
         except openai.AuthenticationError:
             raise ProviderError(
-                PROVIDER_ERROR, "The model provider refused this site's credentials.", f"{self.base_url}: 401/403"
+                PROVIDER_ERROR, "The model provider refused this site's credentials.", f"{self.endpoint}: 401/403"
             ) from None
         except (openai.APITimeoutError, httpx2.TimeoutException):
             when = "part-way through its reply" if completion_tokens else "to start its reply"
             raise ProviderError(
-                PROVIDER_ERROR, f"The model took too long {when}.", f"{self.base_url}: timed out {when}"
+                PROVIDER_ERROR, f"The model took too long {when}.", f"{self.endpoint}: timed out {when}"
             ) from None
         except openai.APIConnectionError:
             raise ProviderError(
-                PROVIDER_ERROR, "The model provider could not be reached.", f"{self.base_url}: no connection"
+                PROVIDER_ERROR, "The model provider could not be reached.", f"{self.endpoint}: no connection"
             ) from None
         except openai.APIStatusError as exc:
             raise ProviderError(
                 PROVIDER_ERROR,
                 f"The model provider answered with an error ({exc.status_code}).",
-                f"{self.base_url}: {exc.status_code} {_short(exc.message)}",
+                f"{self.endpoint}: {exc.status_code} {_short(exc.message)}",
             ) from None
         except Exception as exc:  # noqa: BLE001 - any failure of the stream is the provider's
             raise ProviderError(
-                PROVIDER_ERROR, "The model's reply broke off.", f"{self.base_url}: {_short(repr(exc))}"
+                PROVIDER_ERROR, "The model's reply broke off.", f"{self.endpoint}: {_short(repr(exc))}"
             ) from None
         yield usage or Usage(None, completion_tokens)
 
@@ -122,4 +125,6 @@ def _error_text(event: dict) -> str:
 
 
 def _short(text: str, limit: int = 200) -> str:
+    """Upstream text for an error detail: redacted before it is cut (a cut URL could keep half a password)."""
+    text = redact(text)
     return text if len(text) <= limit else text[: limit - 1] + "…"

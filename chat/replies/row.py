@@ -24,6 +24,7 @@ from django.conf import settings
 from django.db import connection
 from django.utils import timezone
 
+from chat.llm.redact import redact
 from chat.models import Message
 from chat.services import db
 
@@ -75,8 +76,9 @@ def finish(reply_id: int, outcome: Outcome, content: str, latency_ms: int) -> bo
             first_token_ms=outcome.first_token_ms,
             latency_ms=latency_ms,
             error_code=outcome.error_code,
-            error_message=outcome.error_message,
-            error_detail=outcome.error_detail,
+            # Whatever the detail quotes (a provider's error, an exception's repr) may hold a URL's credentials.
+            error_message=redact(outcome.error_message),
+            error_detail=redact(outcome.error_detail),
             control_channel="",
             updated_at=timezone.now(),
         )
