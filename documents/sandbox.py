@@ -89,7 +89,7 @@ def run(function: Callable[..., Any], *args: Any, memory_mb: int, seconds: float
             child.kill()
         child.join()
     if answer is None or child.exitcode == -signal.SIGXCPU:
-        raise TimedOut(seconds)  # the deadline, or the CPU limit a little above it
+        raise TimedOut(seconds)  # the deadline, or the CPU limit above it
     if answer == "gone":
         code = child.exitcode
         how = f"signal {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit {code}"
@@ -123,8 +123,9 @@ def _child(sender: Connection, memory_mb: int, seconds: float, function: Callabl
     os.setpgid(0, 0)
     limit = memory_mb * 1024 * 1024
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-    # If the worker dies, nobody kills the child at the deadline: its CPU time is bounded too.
-    cpu = math.ceil(seconds) + 1
+    # If the worker dies, nobody kills the child at its deadline: its CPU time is bounded too, well
+    # above the deadline (the deadline ends any child whose worker is alive first).
+    cpu = math.ceil(2 * seconds) + 2
     resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
     try:
         answer: tuple = ("value", function(*args))

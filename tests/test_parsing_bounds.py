@@ -2,9 +2,16 @@
 the memory and the time bounds of the child process that parses, a PDF's page cap before its pages
 load; and a worker that meets them and goes on with the next document."""
 
+import io
+import os
+import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
+from django.core.management import call_command
 
 from documents import sandbox
 from documents.parsing import Limits, Unreadable, parse, parse_here
@@ -78,14 +85,67 @@ def test_a_parse_that_needs_more_memory_than_its_bound_fails_with_that_reason(bo
     assert parse(b"The next file.", "next.txt").sections[0].text == "The next file."
 
 
-def test_a_parse_slower_than_its_bound_is_stopped_with_that_reason(settings):
+def test_a_parse_slower_than_its_bound_is_stopped_at_its_deadline_with_that_reason(settings):
     data = long_pdf()
-    settings.DOCUMENTS_PARSE_SECONDS = 1
+    settings.DOCUMENTS_PARSE_SECONDS = 3  # the child's CPU limit (its other bound) is 8 s: never first here
+    parse(b"Started.", "warm.txt")  # the fork server is up: what follows is the parse's own time
     started = time.monotonic()
     with pytest.raises(Unreadable) as refused:
         parse(data, "long.pdf")
-    assert str(refused.value) == "Reading the file took longer than 1 s: split it into smaller files."
-    assert time.monotonic() - started < 10  # stopped at its deadline, not when the extraction ended (15 s+)
+    assert str(refused.value) == "Reading the file took longer than 3 s: split it into smaller files."
+    assert time.monotonic() - started < 7  # stopped at its deadline, not when the extraction ended (15 s+)
+    assert parse(b"The next file.", "next.txt").sections[0].text == "The next file."
+
+
+def spin(pid_file: str) -> None:
+    """Busy for ever (run in a sandbox child): says where it is first."""
+    Path(pid_file).write_text(str(os.getpid()))
+    while True:
+        pass
+
+
+def running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_child_whose_caller_died_ends_at_its_cpu_limit(tmp_path):
+    pid_file = tmp_path / "child.pid"
+    # A caller that dies (SIGKILL) before its 3 s deadline: nobody is left to end its child at the deadline.
+    caller = subprocess.Popen(
+        [sys.executable, "-c", f"from documents import sandbox; from tests.test_parsing_bounds import spin; "
+         f"sandbox.run(spin, {str(pid_file)!r}, memory_mb=512, seconds=3)"],
+        cwd=Path(__file__).resolve().parent.parent,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not pid_file.exists() or not pid_file.read_text():
+            assert time.monotonic() < deadline and caller.poll() is None
+            time.sleep(0.05)
+        child = int(pid_file.read_text())
+        caller.kill()
+        caller.wait()
+        killed = time.monotonic()
+        time.sleep(4)
+        assert running(child)  # past the dead caller's deadline, still busy
+        while running(child) and time.monotonic() - killed < 120:
+            time.sleep(0.2)
+        assert not running(child)  # its CPU limit (8 s of CPU for a 3 s deadline) ended it
+    finally:
+        caller.kill()
+        if pid_file.exists() and pid_file.read_text() and running(int(pid_file.read_text())):
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)
+
+
+def die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)  # as the kernel's OOM killer would
+
+
+def test_a_child_that_dies_without_an_answer_is_a_crash_and_parsing_goes_on():
+    with pytest.raises(sandbox.Crashed, match=r"^stopped unexpectedly \(signal SIGKILL\)$"):
+        sandbox.run(die, memory_mb=512, seconds=30)
     assert parse(b"The next file.", "next.txt").sections[0].text == "The next file."
 
 
@@ -103,6 +163,22 @@ def test_a_pdf_whose_page_tree_holds_more_pages_than_it_declares_is_refused_once
     with pytest.raises(Unreadable) as refused:
         parse(data, "huge.pdf")
     assert str(refused.value) == "The PDF has 30 pages; at most 10 are read: split it."
+
+
+@pytest.mark.django_db(transaction=True)
+def test_manage_py_ingest_parses_within_the_bounds_and_goes_on_with_the_next_file(bomb, settings, tmp_path):
+    from documents.models import Document  # here: `spin`'s children import this module without Django set up
+
+    without_archive_checks(settings)
+    settings.DOCUMENTS_PARSE_MEMORY_MB = 300
+    (tmp_path / "bomb.docx").write_bytes(bomb)
+    (tmp_path / "notes.txt").write_bytes(b"The pump runs at 3 bar.")
+    out, err = io.StringIO(), io.StringIO()
+    call_command("ingest", str(tmp_path), "--shared", stdout=out, stderr=err)
+    reason = "Reading the file needed more than 300 MB of memory: split it into smaller files."
+    assert f"bomb.docx: {reason}" in err.getvalue()
+    assert "2 files: 1 ingested" in out.getvalue()
+    assert Document.objects.get(source__endswith="notes.txt").status == Document.Status.READY
 
 
 def wait_for_end(site, document_id: int, timeout: float = 120) -> tuple[str, str, int]:
