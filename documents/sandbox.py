@@ -88,7 +88,7 @@ def run(function: Callable[..., Any], *args: Any, memory_mb: int, seconds: float
         if child.is_alive():
             child.kill()
         child.join()
-    if answer is None or child.exitcode == -signal.SIGXCPU:
+    if answer is None or (answer == "gone" and child.exitcode == -signal.SIGXCPU):
         raise TimedOut(seconds)  # the deadline, or the CPU limit above it
     if answer == "gone":
         code = child.exitcode
