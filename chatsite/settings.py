@@ -351,6 +351,14 @@ DOCUMENTS_LIMIT_PER_USER = env_int("DOCUMENTS_LIMIT_PER_USER", 1000)
 DOCUMENTS_QUOTA_FILES_PER_DAY = env_int("DOCUMENTS_QUOTA_FILES_PER_DAY", 200)
 DOCUMENTS_QUOTA_BYTES_PER_DAY = env_int("DOCUMENTS_QUOTA_BYTES_PER_DAY", 500 * 1024 * 1024)
 DOCUMENTS_MAX_PDF_PAGES = env_int("DOCUMENTS_MAX_PDF_PAGES", 2000)
+# A DOCX (a zip) is refused before anything in it is inflated if its parts add up to more than
+# this, or one part is compressed more than DOCUMENTS_MAX_COMPRESSION_RATIO times (a zip bomb).
+DOCUMENTS_MAX_UNPACKED_BYTES = env_int("DOCUMENTS_MAX_UNPACKED_BYTES", 100_000_000)
+DOCUMENTS_MAX_COMPRESSION_RATIO = env_float("DOCUMENTS_MAX_COMPRESSION_RATIO", 100.0)
+# Each document is parsed in a child process (documents/sandbox.py) with at most this much address
+# space and wall-clock time: a file that needs more fails with that reason, and the worker goes on.
+DOCUMENTS_PARSE_MEMORY_MB = env_int("DOCUMENTS_PARSE_MEMORY_MB", 2048)
+DOCUMENTS_PARSE_SECONDS = env_float("DOCUMENTS_PARSE_SECONDS", 300.0)
 # Chunks, in the embedder's own tokens. MiniLM reads at most 256 tokens (and was trained on
 # 128): 200 leaves room for the heading path that is embedded with each chunk.
 DOCUMENTS_CHUNK_TOKENS = env_int("DOCUMENTS_CHUNK_TOKENS", 200)

@@ -77,6 +77,9 @@ class _Step(Node):
 
 
 class Parse(_Step):
+    """The file as sections of text. ``parsing.parse`` runs in a child process bounded in memory and
+    time (documents/sandbox.py): a file beyond either fails with that reason, and the worker goes on."""
+
     result = "parsed"
 
     def prep(self, shared: dict[str, Any]) -> tuple[bytes, str]:

@@ -4,18 +4,27 @@ One parser per format, each a well-kept library: pypdf, python-docx,
 BeautifulSoup with lxml (HTML, and Markdown and reStructuredText once
 rendered to HTML by markdown-it-py and docutils). Anything that goes wrong
 becomes ``Unreadable`` with a reason the document's owner can act on.
+
+Parsing runs in a child process bounded in memory and time (documents/sandbox.py):
+a file that would need more fails with that reason, and the worker goes on. A DOCX
+(a zip) is refused before anything in it is inflated if it would unpack to too much
+(a zip bomb); a PDF, before its pages are loaded, if it declares too many.
 """
 
 from __future__ import annotations
 
 import io
 import re
+import struct
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import PurePath
 
 from bs4 import BeautifulSoup, Comment, NavigableString, Tag
 from django.conf import settings
+
+from documents import sandbox
 
 
 class Unreadable(Exception):
@@ -57,18 +66,58 @@ def mime_type_for(name: str) -> str | None:
     return MIME_TYPES.get(PurePath(name).suffix.lower())
 
 
+@dataclass(frozen=True)
+class Limits:
+    """The settings that bound one parse, read in the caller (the child reads no settings)."""
+
+    max_chars: int
+    max_pdf_pages: int
+    max_unpacked_bytes: int
+    max_compression_ratio: float
+
+    @classmethod
+    def from_settings(cls) -> Limits:
+        return cls(
+            max_chars=settings.DOCUMENTS_MAX_CHARS,
+            max_pdf_pages=settings.DOCUMENTS_MAX_PDF_PAGES,
+            max_unpacked_bytes=settings.DOCUMENTS_MAX_UNPACKED_BYTES,
+            max_compression_ratio=settings.DOCUMENTS_MAX_COMPRESSION_RATIO,
+        )
+
+
 def parse(data: bytes, name: str) -> Parsed:
-    """``data``, the content of the file called ``name``, as sections of text."""
+    """``data``, the content of the file called ``name``, as sections of text.
+
+    The parsing runs in a child process with at most DOCUMENTS_PARSE_MEMORY_MB of memory
+    for at most DOCUMENTS_PARSE_SECONDS; beyond either it is ``Unreadable``, saying which.
+    """
     mime_type = mime_type_for(name)
     if mime_type is None:
         raise Unreadable(f"“{PurePath(name).suffix or name}” files are not supported: upload {SUPPORTED}.")
     if not data:
         raise Unreadable("The file is empty.")
+    memory_mb, seconds = settings.DOCUMENTS_PARSE_MEMORY_MB, settings.DOCUMENTS_PARSE_SECONDS
+    try:
+        outcome = sandbox.run(parse_here, data, name, Limits.from_settings(), memory_mb=memory_mb, seconds=seconds)
+    except sandbox.TimedOut as exc:
+        raise Unreadable(f"Reading the file took longer than {exc.seconds:g} s: split it into smaller files.") from exc
+    except sandbox.OutOfMemory as exc:
+        raise Unreadable(
+            f"Reading the file needed more than {exc.memory_mb} MB of memory: split it into smaller files."
+        ) from exc
+    except sandbox.Crashed as exc:
+        raise Unreadable(f"Reading the file {exc}: it may be damaged.") from exc
+    return outcome.get()
+
+
+def parse_here(data: bytes, name: str, limits: Limits) -> Parsed:
+    """``parse`` in this process, with no bound on its memory or time: only for ``sandbox.run``."""
+    mime_type = mime_type_for(name)
     stem = PurePath(name).stem
     if mime_type == "application/pdf":
-        title, sections = _pdf(data)
+        title, sections = _pdf(data, limits)
     elif mime_type.endswith("wordprocessingml.document"):
-        title, sections = _docx(data)
+        title, sections = _docx(data, limits)
     else:
         text = _decode(data)
         if mime_type == "text/html":
@@ -83,8 +132,8 @@ def parse(data: bytes, name: str) -> Parsed:
     if not sections:
         ocr = " (a scanned PDF needs OCR first)" if mime_type == "application/pdf" else ""
         raise Unreadable(f"No text was found in the file{ocr}.")
-    if sum(len(s.text) for s in sections) > settings.DOCUMENTS_MAX_CHARS:
-        raise Unreadable(f"The file holds more than {settings.DOCUMENTS_MAX_CHARS:,} characters of text.")
+    if sum(len(s.text) for s in sections) > limits.max_chars:
+        raise Unreadable(f"The file holds more than {limits.max_chars:,} characters of text.")
     return Parsed(title=(title or stem).strip()[:300], mime_type=mime_type, sections=sections)
 
 
@@ -106,7 +155,7 @@ def _decode(data: bytes) -> str:
 # --- PDF ---------------------------------------------------------------------------------
 
 
-def _pdf(data: bytes) -> tuple[str, list[Section]]:
+def _pdf(data: bytes, limits: Limits) -> tuple[str, list[Section]]:
     from pypdf import PdfReader
     from pypdf.errors import PdfReadError
 
@@ -114,20 +163,34 @@ def _pdf(data: bytes) -> tuple[str, list[Section]]:
         reader = PdfReader(io.BytesIO(data))
         if reader.is_encrypted and not reader.decrypt(""):
             raise Unreadable("The PDF is password-protected: upload it without the password.")
+        _check_page_count(_pdf_declared_pages(reader), limits)
         pages = reader.pages
-        if len(pages) > settings.DOCUMENTS_MAX_PDF_PAGES:
-            raise Unreadable(f"The PDF has {len(pages)} pages; at most {settings.DOCUMENTS_MAX_PDF_PAGES} are read.")
+        _check_page_count(len(pages), limits)  # the page tree may hold more pages than its root says
         headings = _pdf_outline(reader)
         sections = [
             Section(text=page.extract_text() or "", heading=headings.get(number, ()), page=number)
             for number, page in enumerate(pages, start=1)
         ]
         title = (reader.metadata.title if reader.metadata else None) or ""
-    except Unreadable:
+    except (Unreadable, MemoryError):
         raise
     except (PdfReadError, Exception) as exc:  # noqa: BLE001 - pypdf raises many kinds on broken files
         raise Unreadable(f"The PDF could not be read ({exc.__class__.__name__}): it may be damaged.") from exc
     return str(title), sections
+
+
+def _pdf_declared_pages(reader) -> int:
+    """The page count the document's root declares (/Root /Pages /Count): read without building
+    any page object, so a PDF of a million pages is refused before they are loaded."""
+    try:
+        return int(reader.trailer["/Root"]["/Pages"]["/Count"])
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return 0  # no usable count: the pages themselves are counted next
+
+
+def _check_page_count(pages: int, limits: Limits) -> None:
+    if pages > limits.max_pdf_pages:
+        raise Unreadable(f"The PDF has {pages} pages; at most {limits.max_pdf_pages} are read: split it.")
 
 
 def _pdf_outline(reader) -> dict[int, tuple[str, ...]]:
@@ -166,12 +229,15 @@ def _pdf_outline(reader) -> dict[int, tuple[str, ...]]:
 # --- DOCX --------------------------------------------------------------------------------
 
 
-def _docx(data: bytes) -> tuple[str, list[Section]]:
+def _docx(data: bytes, limits: Limits) -> tuple[str, list[Section]]:
     import docx
     from docx.table import Table
 
+    _check_archive(data, "DOCX", limits)
     try:
         document = docx.Document(io.BytesIO(data))
+    except MemoryError:
+        raise
     except (zipfile.BadZipFile, KeyError, ValueError, Exception) as exc:  # noqa: BLE001
         raise Unreadable(f"The DOCX file could not be read ({exc.__class__.__name__}): it may be damaged.") from exc
     builder = _SectionBuilder()
@@ -191,6 +257,72 @@ def _docx(data: bytes) -> tuple[str, list[Section]]:
             builder.end_paragraph()
     title = document.core_properties.title or builder.first_heading
     return title, builder.sections()
+
+
+def _check_archive(data: bytes, kind: str, limits: Limits) -> None:
+    """Refuse a zip (``kind``: the format, for the message) that would unpack to more than the
+    limits allow, before anything in it is inflated for its parser.
+
+    The central directory gives each member's sizes; a forged one can understate them, and
+    zipfile then inflates a whole member before cutting it to the stated size. So each member is
+    also inflated here, a bounded piece at a time, and refused as soon as it outgrows its
+    stated size: what the parser reads afterwards is at most what was checked.
+    """
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            members = archive.infolist()
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError) as exc:
+        raise Unreadable(f"The {kind} file could not be read ({exc.__class__.__name__}): it may be damaged.") from exc
+    total = sum(member.file_size for member in members)
+    if total > limits.max_unpacked_bytes:
+        raise Unreadable(
+            f"The {kind} file unpacks to {total / 1e6:,.0f} MB; at most {limits.max_unpacked_bytes / 1e6:,.0f} MB "
+            "are read: split it into smaller files."
+        )
+    for member in members:
+        ratio = member.file_size / max(member.compress_size, 1)
+        if ratio > limits.max_compression_ratio:
+            raise Unreadable(
+                f"A part of the {kind} file ({member.filename}) is compressed {ratio:,.0f} times, more than the "
+                f"{limits.max_compression_ratio:g} times allowed (a zip bomb looks like this): save it again "
+                "without it."
+            )
+    for member in members:
+        if member.flag_bits & 0x1 or member.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+            raise Unreadable(f"The {kind} file is encrypted or compressed in a way its editors do not write.")
+        if _unpacked_size(data, member, member.file_size) != member.file_size:
+            raise Unreadable(f"The {kind} file is damaged: a part of it is not the size its archive says.")
+
+
+def _unpacked_size(data: bytes, member: zipfile.ZipInfo, most: int) -> int:
+    """The size ``member`` really inflates to, counted up to ``most`` + 1 at most (-1: unreadable)."""
+    header = data[member.header_offset : member.header_offset + 30]
+    if len(header) < 30 or header[:4] != b"PK\x03\x04":
+        return -1
+    name_length, extra_length = struct.unpack("<HH", header[26:30])
+    start = member.header_offset + 30 + name_length + extra_length
+    compressed = memoryview(data)[start : start + member.compress_size]
+    if len(compressed) < member.compress_size:
+        return -1
+    if member.compress_type == zipfile.ZIP_STORED:
+        return len(compressed)
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    size = position = 0
+    step = 1 << 20  # at most this much out per call: a forged member never costs more at once
+    try:
+        while not inflater.eof and size <= most:
+            if inflater.unconsumed_tail:
+                piece = inflater.unconsumed_tail
+            else:
+                piece = compressed[position : position + step]
+                position += len(piece)
+            out = inflater.decompress(piece, step)
+            size += len(out)
+            if not piece and not out:
+                return -1  # the data ended before the stream did
+    except zlib.error:
+        return -1
+    return size
 
 
 def _docx_heading_level(style: str) -> int:
