@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 
+from django.db import transaction
 from procrastinate import RetryStrategy
 from procrastinate.contrib.django import app
 from procrastinate.exceptions import AlreadyEnqueued
@@ -33,9 +34,12 @@ def enqueue(document: Document) -> None:
     """Queue ``document``'s ingestion (in the caller's transaction). One job per document at a time:
     a document queued again before its job started keeps that one job, which reads the newest file."""
     try:
-        ingest_document.configure(lock=f"document:{document.pk}", queueing_lock=f"document:{document.pk}").defer(
-            document_id=document.pk
-        )
+        # A savepoint: the refused insert of a second job must not abort the caller's transaction (which
+        # then silently rolled back the new file it had registered).
+        with transaction.atomic():
+            ingest_document.configure(lock=f"document:{document.pk}", queueing_lock=f"document:{document.pk}").defer(
+                document_id=document.pk
+            )
     except AlreadyEnqueued:
         pass
 

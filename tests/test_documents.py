@@ -301,3 +301,16 @@ def test_admin_lists_documents_with_their_state_and_links_to_their_chunks(client
     assert f"?document__id__exact={document.pk}" in page and "2 chunks" in page
     chunks = client.get(f"/admin/documents/chunk/?document__id__exact={document.pk}").content.decode()
     assert "Pump manual › Cleaning" in chunks
+
+
+def test_a_file_uploaded_again_while_its_first_job_waits_is_saved(client, alice):
+    """The second upload's job is refused (one job per document, which reads the newest file): that refusal
+    must not roll back the new file with it (it did, and the page still said "queued")."""
+    from django.core.files.uploadedfile import SimpleUploadedFile
+    from procrastinate.contrib.django.models import ProcrastinateJob
+
+    client.force_login(alice)
+    for text in (GUIDE, GUIDE + b"\n## Winter\n\nEmpty the pump before the first frost.\n"):
+        assert client.post("/documents/upload/", {"files": SimpleUploadedFile("pump.md", text)}).status_code == 200
+    assert bytes(Document.objects.get(owner=alice).file.data) == text
+    assert ProcrastinateJob.objects.count() == 1
