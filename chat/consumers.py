@@ -98,6 +98,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
             elif isinstance(frame, protocol.Regenerate):
                 await self.regenerate(frame)
         except ProtocolError as exc:
+            if exc.client_id is None and isinstance(frame, protocol.Send):
+                exc.client_id = frame.client_id  # the page learns which of its sends was refused
             await self.send_frame(exc.frame())
         except LoggedOut:
             await self._log_out()

@@ -134,6 +134,7 @@ def parse(text: str | None, size: int) -> ClientFrame:
             client_id = str(uuid.UUID(client_id))
         except (TypeError, ValueError, AttributeError):
             raise ProtocolError(BAD_REQUEST, "`client_id` must be a UUID string.") from None
+        frame = {**frame, "client_id": client_id}  # errors name it as an ack would
         content = frame.get("content")
         if not isinstance(content, str) or not content.strip():
             raise ProtocolError(BAD_REQUEST, "`content` must be a non-empty string.", client_id)

@@ -92,10 +92,11 @@ class Turn:
 
 
 def _pk(value: str) -> int:
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise ProtocolError(protocol.NOT_FOUND, "No such conversation or message.") from None
+    # Only an id as the server writes it: int() also takes " 5", "05", "+5", "5_0" and other scripts'
+    # digits, and a resend naming its conversation so was taken for a new send there (IntegrityError).
+    if not (isinstance(value, str) and value.isascii() and value.isdigit() and value == str(int(value))):
+        raise ProtocolError(protocol.NOT_FOUND, "No such conversation or message.")
+    return int(value)
 
 
 def get_conversation(user, conversation_id: str) -> Conversation:
@@ -287,10 +288,13 @@ def _begin_turn(
 ) -> Turn:
     with transaction.atomic():
         _lock_send(client_id)
-        known = (
-            Message.objects.select_related("conversation").filter(client_id=client_id, conversation__owner=user).first()
-        )
-        if known and (conversation_id is None or str(known.conversation_id) == conversation_id):
+        known = Message.objects.select_related("conversation").filter(client_id=client_id, conversation__owner=user)
+        if conversation_id is not None:
+            # The send of this client_id to this conversation (a client_id sent to several is not the
+            # first of them: that one was taken, and the insert below broke the unique constraint).
+            known = known.filter(conversation_id=_pk(conversation_id))
+        known = known.first()
+        if known:
             return _replay(known)
         created = conversation_id is None
         if created:

@@ -2,11 +2,12 @@ from django.contrib import admin
 from django.urls import reverse
 from django.utils.html import format_html
 
+from chat.admin import PermissionFirst
 from documents.models import Chunk, Document
 
 
 @admin.register(Document)
-class DocumentAdmin(admin.ModelAdmin):
+class DocumentAdmin(PermissionFirst, admin.ModelAdmin):
     list_display = ("title", "owner", "status", "chunk_count", "mime_type", "size", "embedding_model", "updated_at")
     list_filter = ("status", "mime_type", "embedding_model", ("owner", admin.EmptyFieldListFilter))
     search_fields = ("title", "source", "owner__username", "content_hash", "live_hash")
@@ -35,7 +36,7 @@ class DocumentAdmin(admin.ModelAdmin):
 
 
 @admin.register(Chunk)
-class ChunkAdmin(admin.ModelAdmin):
+class ChunkAdmin(PermissionFirst, admin.ModelAdmin):
     list_display = ("document", "ordinal", "heading", "page", "token_count")
     search_fields = ("text", "heading", "document__title")
     raw_id_fields = ("document",)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 
+from django.db import transaction
 from procrastinate import RetryStrategy
 from procrastinate.contrib.django import app
 from procrastinate.exceptions import AlreadyEnqueued
@@ -40,9 +41,12 @@ def enqueue(document: Document) -> None:
     """
     ahead = Document.objects.filter(owner_id=document.owner_id, status=Document.Status.QUEUED).exclude(pk=document.pk)
     try:
-        ingest_document.configure(
-            lock=f"document:{document.pk}", queueing_lock=f"document:{document.pk}", priority=-ahead.count()
-        ).defer(document_id=document.pk)
+        # A savepoint: the refused insert of a second job must not abort the caller's transaction (which
+        # then silently rolled back the new file it had registered).
+        with transaction.atomic():
+            ingest_document.configure(
+                lock=f"document:{document.pk}", queueing_lock=f"document:{document.pk}", priority=-ahead.count()
+            ).defer(document_id=document.pk)
     except AlreadyEnqueued:
         pass
 

@@ -174,22 +174,25 @@ async def test_socket_closed_mid_stream_reply_still_completes(alice):
 
 async def test_two_sockets_receive_the_identical_stream(alice):
     async with Client(alice) as first, Client(alice) as second:
-        ack = await first.say("[tokens=40][delay=0.01]")
+        ack = await first.say("[tokens=40][delay=0.1]")  # 4 s of reply: the second socket joins it mid-way
+        first_frames = await first.recv_until("chunk")
         await second.send({"type": "open", "conversation_id": ack["conversation_id"]})
-        first_frames = await first.recv_until("done")
+        first_frames += await first.recv_until("done")
         second_frames = await second.recv_until("done")
     history = second_frames[0]
     assert history["type"] == "history"
     streamed = history["messages"][-1]
     assert streamed["id"] == ack["assistant_message_id"]
+    assert streamed["status"] == "streaming"
     # The joining socket gets the text so far in history, then the rest with no gap or repeat.
-    rest = "".join(f["delta"] for f in second_frames if f["type"] == "chunk")
+    chunks = [f for f in second_frames if f["type"] == "chunk"]
+    assert chunks
+    text = streamed["content"]
+    for chunk in chunks:
+        assert chunk["offset"] == len(text)
+        text += chunk["delta"]
     expected = "".join(f"t{i} " for i in range(40))
-    assert streamed["content"] + rest == expected
-    if streamed["status"] == "streaming":
-        chunks = [f for f in second_frames if f["type"] == "chunk"]
-        if chunks:
-            assert chunks[0]["offset"] == len(streamed["content"])
+    assert text == expected
     assert reply_text(first_frames, ack["assistant_message_id"]) == expected
     assert first_frames[-1] == second_frames[-1]
 

@@ -711,3 +711,20 @@ def test_the_versions_migration_keeps_what_was_searched_and_what_was_not(alice):
     live = dict(Document.objects.values_list("pk", "live_hash"))
     assert live == {ready: hashlib.sha256(b"ready.txt").hexdigest(), requeued: "", failed: ""}
     assert search.scope(alice.pk).document_ids == [ready]  # searched before, and only it
+
+
+def test_a_file_uploaded_again_while_its_first_job_waits_is_saved(client, alice):
+    """The second upload's job is refused (one job per document, which reads the newest file): that refusal
+    must not roll back the new file with it (it did, and the page still said "queued")."""
+    from django.core.files.uploadedfile import SimpleUploadedFile
+    from procrastinate.contrib.django.models import ProcrastinateJob
+
+    client.force_login(alice)
+    for text in (GUIDE, GUIDE + b"\n## Winter\n\nEmpty the pump before the first frost.\n"):
+        assert client.post("/documents/upload/", {"files": SimpleUploadedFile("pump.md", text)}).status_code == 200
+    document = Document.objects.get(owner=alice)
+    assert bytes(document.file.data) == text
+    jobs = ProcrastinateJob.objects.filter(args__document_id=document.pk)
+    assert jobs.count() == 1
+    with connection.cursor() as cursor:  # procrastinate's tables are not flushed: no job left for later tests
+        cursor.execute("DELETE FROM procrastinate_jobs WHERE id = %s", [jobs.get().id])

@@ -36,25 +36,54 @@ def in_thread(fn, *args):
     return thread, results
 
 
+def backend_pid() -> int:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        return cursor.fetchone()[0]
+
+
+def wait_until_blocked(holder: int, query_start: str, wait_event: str) -> int:
+    """The pid of the backend whose query starts with ``query_start``, once pg_stat_activity shows it
+    waiting on a lock (of kind ``wait_event``: "transactionid", "advisory", ...) that ``holder`` holds."""
+    with connection.cursor() as cursor:
+        for _ in range(200):
+            cursor.execute(
+                "SELECT pid, wait_event FROM pg_stat_activity WHERE datname = current_database() "
+                "AND wait_event_type = 'Lock' AND query LIKE %s AND %s = ANY(pg_blocking_pids(pid))",
+                [query_start + "%", holder],
+            )
+            found = cursor.fetchone()
+            if found is not None:
+                assert found[1] == wait_event, found
+                return found[0]
+            time.sleep(0.05)
+    raise AssertionError(f"no backend ran {query_start!r} waiting on a lock of backend {holder}")
+
+
 def test_a_flush_that_waits_on_the_final_write_does_not_overwrite_it(alice):
     conversation = Conversation.objects.create(owner=alice)
     question = Message.objects.create(conversation=conversation, role="user", content="q")
     reply = Message.objects.create(conversation=conversation, role="assistant", status="streaming",
                                    content="partial", reply_to=question)  # fmt: skip
     finishing, release = threading.Event(), threading.Event()
+    finisher_pid: list[int] = []
 
     def final_write() -> None:
         with transaction.atomic():
             row.finish(reply.pk, Outcome("complete", 3, 5), "the whole answer", 10)
+            finisher_pid.append(backend_pid())
             finishing.set()
-            release.wait(5)  # the final write holds the row, uncommitted
+            release.wait(10)  # the final write holds the row, uncommitted
 
     finisher, _ = in_thread(final_write)
     assert finishing.wait(5)
     flusher, flushed = in_thread(row.flush, {reply.pk: "partial, and a bit more"})
-    time.sleep(0.3)
-    assert flusher.is_alive()  # the heartbeat's flush waits on the row lock
-    release.set()
+    # The heartbeat's flush is seen waiting on the final write's row lock before that write commits.
+    try:
+        wait_until_blocked(finisher_pid[0], f"UPDATE {Message._meta.db_table} AS m SET content", "transactionid")
+        assert flusher.is_alive()
+    finally:
+        release.set()
     finisher.join(5)
     flusher.join(5)
     assert flushed == [set()]  # re-checked after the commit: no longer streaming, not written
@@ -65,18 +94,26 @@ def test_a_flush_that_waits_on_the_final_write_does_not_overwrite_it(alice):
 def test_two_resends_of_one_client_id_racing_make_one_conversation(alice, monkeypatch):
     client_id = str(uuid.uuid4())
     create = Conversation.objects.create
-    first = threading.Event()
+    inside, release = threading.Event(), threading.Event()
+    first_pid: list[int] = []
 
-    def slow_create(**fields):
-        if not first.is_set():
-            first.set()
-            time.sleep(0.5)  # the second send arrives while the first is inside its transaction
+    def paused_create(**fields):
+        if not inside.is_set():  # the first send, holding its client_id's advisory lock
+            first_pid.append(backend_pid())
+            inside.set()
+            release.wait(10)
         return create(**fields)
 
-    monkeypatch.setattr(Conversation.objects, "create", slow_create)
+    monkeypatch.setattr(Conversation.objects, "create", paused_create)
     a, a_turn = in_thread(services.begin_turn, alice, None, client_id, "hello", None, "m", "")
-    assert first.wait(5)
+    assert inside.wait(5)
     b, b_turn = in_thread(services.begin_turn, alice, None, client_id, "hello", None, "m", "")
+    # The second send waits on the advisory lock the first holds, inside its transaction.
+    try:
+        wait_until_blocked(first_pid[0], "SELECT pg_advisory_xact_lock", "advisory")
+        assert b.is_alive()
+    finally:
+        release.set()
     a.join(5)
     b.join(5)
     assert Conversation.objects.count() == 1
