@@ -37,7 +37,8 @@ def pages(alice, admin_user):
     question = Message.objects.create(conversation=conversation, role="user", content="hi")
     Message.objects.create(conversation=conversation, role="assistant", content="hello", reply_to=question)
     document = Document.objects.create(owner=alice, title="notes", source="notes.md", content_hash="0" * 64,
-                                       mime_type="text/markdown", size=5, status=Document.Status.READY)  # fmt: skip
+                                       live_hash="0" * 64, mime_type="text/markdown", size=5,
+                                       status=Document.Status.READY)  # fmt: skip
     DocumentFile.objects.create(document=document, data=b"hello", text="hello")
     return {"conversation": conversation.pk, "document": document.pk, "alice": alice, "staff": admin_user}
 

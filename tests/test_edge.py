@@ -205,7 +205,7 @@ def test_a_document_worker_killed_is_started_again_and_takes_the_next_document(e
 def test_serve_logs_the_system_checks_at_start(edge):
     """Vectors of another embedding model: the check that manage.py runs is reported by the server too."""
     edge.manage("shell", "-c", "from documents.models import Document; Document.objects.create(title='old', "
-                "source='old.txt', content_hash='0', mime_type='text/plain', size=1, status='ready', "
+                "source='old.txt', content_hash='0', live_hash='0', mime_type='text/plain', size=1, status='ready', "
                 "embedding_model='another-model')")  # fmt: skip
     log = edge.var / f"daphne-{edge.ports[0]}.log"
     seen = log.stat().st_size

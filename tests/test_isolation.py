@@ -206,8 +206,8 @@ def alices(alice) -> dict:
     feedback = Feedback.objects.create(message=reply, user=alice, rating=1, comment=f"{SECRET} comment")
     text = f"{SECRET} passage about pumps"
     document = Document.objects.create(owner=alice, title=f"{SECRET} manual", source="manual.md",
-                                       content_hash="0" * 64, mime_type="text/markdown", size=len(text),
-                                       status="ready", chunk_count=1)  # fmt: skip
+                                       content_hash="0" * 64, live_hash="0" * 64, mime_type="text/markdown",
+                                       size=len(text), status="ready", chunk_count=1)  # fmt: skip
     DocumentFile.objects.create(document=document, data=text.encode(), text=text)
     chunk = Chunk.objects.create(document=document, ordinal=0, text=text, token_count=5, char_start=0,
                                  char_end=len(text), embedding=[0.1] * 384, heading=f"{SECRET} heading")  # fmt: skip
