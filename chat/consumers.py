@@ -49,6 +49,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         # Counted across processes (chat/sockets.py); one over the cap is closed, as 4401 is, not refused.
         self.counters = sockets.Counters.of_this_loop()
         if not await self.counters.admit(self.user.pk, self.channel_name):
+            await self.counters.release()
             await self.close(code=protocol.CLOSE_TOO_MANY_SOCKETS)
             return
         self.join = Join(self.channel_layer, self.channel_name, self._push)

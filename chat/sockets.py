@@ -104,6 +104,20 @@ class Counters:
                 await self.redis.zrem(sockets_key(user_id), channel)
             except Exception:  # noqa: BLE001 - it lapses by itself
                 logger.warning("could not uncount a socket of user %s; it lapses", user_id, exc_info=True)
+        await self.release()
+
+    async def release(self) -> None:
+        """With no socket left on this loop, close its Redis client and forget it: a loop that then
+        ends (a test's, a process stopping) leaves no connection behind for the garbage collector,
+        whose clean-up would need the closed loop. The next socket makes a new one."""
+        if self.sockets:
+            return
+        if Counters._per_loop.get(asyncio.get_running_loop()) is self:
+            del Counters._per_loop[asyncio.get_running_loop()]
+        if self.refresher is not None:
+            self.refresher.cancel()
+        if self.redis is not None:
+            await self.redis.aclose()
 
     async def _refresh(self) -> None:
         """Push back the lapse time of every socket of this process, one pipeline per beat."""
