@@ -147,6 +147,9 @@ def documents_page(site, browser, tmp_path, port: int) -> None:
     expect(good_row.locator(".chunks")).to_have_text("2")
     failed = page.locator('#document-list tr[data-status="failed"]')
     expect(failed.locator(".reason")).to_contain_text("damaged", timeout=60_000)
+    # First versions: there is no previous version to speak of, on either row.
+    expect(good_row.locator(".note")).to_be_hidden()
+    expect(failed.locator(".note")).to_be_hidden()
     page.screenshot(path=SCREENSHOTS / "documents.png")
     # Delete, with the button's accessible name.
     page.get_by_role("button", name="Delete Garden").click()
