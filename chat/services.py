@@ -267,13 +267,24 @@ def begin_turn(
     is held while Redis answers.
     """
     refused = limits.messages_refusal(user, client_id)
-    # A resend of a known message is answered whatever the count: it makes nothing new.
-    if refused is not None and not Message.objects.filter(client_id=client_id, conversation__owner=user).exists():
+    # A resend of a known message is answered whatever the count: it makes nothing new. (The same
+    # lookup as the replay's: a client_id known in another conversation would make a new turn here.)
+    if refused is not None and not _sent_before(user, conversation_id, client_id).exists():
         raise refused
     turn = _begin_turn(user, conversation_id, client_id, content, use_documents, model_name, control_channel, replaces)
     if not turn.replayed:
         limits.count_message(user)
     return turn
+
+
+def _sent_before(user, conversation_id: str | None, client_id: str):
+    """The user's earlier send of ``client_id``: to this conversation, or to any when it makes a new one (a
+    client_id sent to several is not the first of them: that one was taken, and the turn's insert broke
+    the unique constraint)."""
+    known = Message.objects.filter(client_id=client_id, conversation__owner=user)
+    if conversation_id is not None:
+        known = known.filter(conversation_id=_pk(conversation_id))
+    return known
 
 
 def _begin_turn(
@@ -288,12 +299,7 @@ def _begin_turn(
 ) -> Turn:
     with transaction.atomic():
         _lock_send(client_id)
-        known = Message.objects.select_related("conversation").filter(client_id=client_id, conversation__owner=user)
-        if conversation_id is not None:
-            # The send of this client_id to this conversation (a client_id sent to several is not the
-            # first of them: that one was taken, and the insert below broke the unique constraint).
-            known = known.filter(conversation_id=_pk(conversation_id))
-        known = known.first()
+        known = _sent_before(user, conversation_id, client_id).select_related("conversation").first()
         if known:
             return _replay(known)
         created = conversation_id is None

@@ -111,6 +111,21 @@ async def test_a_resend_over_the_minute_limit_still_gets_its_ack(alice, settings
     assert again == ack
 
 
+async def test_a_client_id_known_in_another_conversation_does_not_pass_the_minute_limit(alice, settings):
+    """Only a resend to the conversation it was sent to makes nothing new; the same client_id sent to
+    another conversation is a new turn, so the limit applies to it (else any old client_id was a pass)."""
+    settings.CHAT_LIMIT_MESSAGES_PER_MINUTE = 2
+    await same_minute()
+    async with Client(alice) as client:
+        await client.say("one", client_id=(client_id := str(uuid.uuid4())))
+        await client.recv_until("done")
+        other = await client.say("two")
+        await client.recv_until("done")
+        refused = await client.say("one again", other["conversation_id"], client_id=client_id)
+    assert refused["type"] == "error" and refused["code"] == "rate_limited", refused
+    assert await Message.objects.filter(conversation__owner=alice, role="user").acount() == 2
+
+
 async def test_conversations_per_user(alice, settings):
     settings.CHAT_LIMIT_CONVERSATIONS = 2
     async with Client(alice) as client:
