@@ -52,11 +52,16 @@ class ChatConsumer(AsyncWebsocketConsumer):
             await self.counters.release()
             await self.close(code=protocol.CLOSE_TOO_MANY_SOCKETS)
             return
+        try:
+            # The user's documents report their ingestion progress here (documents/progress.py).
+            await self.channel_layer.group_add(events.user_group(self.user.pk), self.channel_name)
+        except BaseException:
+            # Channels calls no disconnect() for a connect that raised: give the socket's place back here.
+            await self.counters.leave(self.user.pk, self.channel_name)
+            raise
         self.join = Join(self.channel_layer, self.channel_name, self._push)
         self.checked_at = time.monotonic()
         self.checking: asyncio.Task | None = None
-        # The user's documents report their ingestion progress here (documents/progress.py).
-        await self.channel_layer.group_add(events.user_group(self.user.pk), self.channel_name)
         try:
             # Someone is about to chat: load the model / build the client now, not on their first message.
             get_provider().warm_up()
@@ -267,32 +272,34 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
     async def send_message(self, frame: protocol.Send) -> None:
         self._refuse_if_stopping(frame.client_id)
-        control_address = await ControlDispatcher.address(self.channel_layer)
-        turn = await self._begin(
-            services.begin_turn,
-            frame.conversation_id,
-            frame.client_id,
-            frame.content,
-            frame.use_documents,
-            self._model_name(),
-            control_address,
-            frame.replaces,
-        )
-        ack = protocol.ack(frame.client_id, turn.conversation.pk, turn.user_message.pk, turn.reply.pk)
-        if turn.replayed:
-            await self._subscribe(turn.conversation.pk)
-            await self.send_frame(ack)
-            await self._resume(turn.reply)
-            return
-        # The other sockets learn of both new messages (after an edit, of what it replaced) before the first chunk.
-        # A conversation this send made has no other socket yet: none to tell.
-        announce = None
-        if not turn.created_conversation:
-            frames = [protocol.message_frame(turn.user_message), protocol.message_frame(turn.reply)]
-            if turn.replaced is not None:
-                frames.insert(0, protocol.replaced(turn.conversation.pk, turn.replaced))
-            announce = events.frames(*frames, exclude=self.channel_name)
-        await self._answer(turn, ack, announce)
+        # Counted until its reply is running: a stopping process waits for it (running.drain).
+        with running.starting():
+            control_address = await ControlDispatcher.address(self.channel_layer)
+            turn = await self._begin(
+                services.begin_turn,
+                frame.conversation_id,
+                frame.client_id,
+                frame.content,
+                frame.use_documents,
+                self._model_name(),
+                control_address,
+                frame.replaces,
+            )
+            ack = protocol.ack(frame.client_id, turn.conversation.pk, turn.user_message.pk, turn.reply.pk)
+            if turn.replayed:
+                await self._subscribe(turn.conversation.pk)
+                await self.send_frame(ack)
+                await self._resume(turn.reply)
+                return
+            # The other sockets learn of both new messages (after an edit, of what it replaced) before the first chunk.
+            # A conversation this send made has no other socket yet: none to tell.
+            announce = None
+            if not turn.created_conversation:
+                frames = [protocol.message_frame(turn.user_message), protocol.message_frame(turn.reply)]
+                if turn.replaced is not None:
+                    frames.insert(0, protocol.replaced(turn.conversation.pk, turn.replaced))
+                announce = events.frames(*frames, exclude=self.channel_name)
+            await self._answer(turn, ack, announce)
 
     @staticmethod
     def _refuse_if_stopping(client_id: str | None = None) -> None:
@@ -340,10 +347,11 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
     async def regenerate(self, frame: protocol.Regenerate) -> None:
         self._refuse_if_stopping()
-        control_address = await ControlDispatcher.address(self.channel_layer)
-        turn = await self._begin(services.begin_regenerate, frame.message_id, self._model_name(), control_address)
-        # Every socket on the conversation, this one included, learns the new reply's id.
-        await self._answer(turn, None, events.frames(protocol.message_frame(turn.reply)))
+        with running.starting():
+            control_address = await ControlDispatcher.address(self.channel_layer)
+            turn = await self._begin(services.begin_regenerate, frame.message_id, self._model_name(), control_address)
+            # Every socket on the conversation, this one included, learns the new reply's id.
+            await self._answer(turn, None, events.frames(protocol.message_frame(turn.reply)))
 
     # --- channel-layer events -----------------------------------------------------------------
 
