@@ -12,9 +12,10 @@ far, written by its own flow (so its sockets hear ``done`` too).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 
 from django.conf import settings
 
@@ -25,6 +26,8 @@ RUNNING: dict[int, asyncio.Task] = {}
 # How to end each running reply as `interrupted` (ReplyStream.interrupt).
 _INTERRUPTS: dict[int, Callable[[], None]] = {}
 _draining = False
+# Turns past `accepting()` whose reply is not spawned yet (their transaction may still be open).
+_starting = 0
 
 
 def spawn(reply_id: int, coro: Coroutine, interrupt: Callable[[], None]) -> asyncio.Task:
@@ -42,6 +45,18 @@ def spawn(reply_id: int, coro: Coroutine, interrupt: Callable[[], None]) -> asyn
     return task
 
 
+@contextlib.contextmanager
+def starting() -> Iterator[None]:
+    """Around a turn from its acceptance to its reply's spawn: ``drain`` waits for it too, so a turn
+    accepted just before the process began stopping is not left `streaming` with nobody writing it."""
+    global _starting
+    _starting += 1
+    try:
+        yield
+    finally:
+        _starting -= 1
+
+
 def accepting() -> bool:
     """False once the process is stopping: a new turn is refused (and sent again to another process)."""
     return not _draining
@@ -56,9 +71,12 @@ async def drain(seconds: float | None = None) -> None:
     deadline = loop.time() + (settings.CHAT_DRAIN_SECONDS if seconds is None else seconds)
     if RUNNING:
         logger.info("stopping: waiting up to %.0f s for %d streaming reply(ies)", deadline - loop.time(), len(RUNNING))
-    # Again while any is left: a turn that passed `accepting()` just before may start its reply meanwhile.
-    while RUNNING and loop.time() < deadline:
-        await asyncio.wait(list(RUNNING.values()), timeout=deadline - loop.time())
+    # Again while any is left: a turn that passed `accepting()` just before starts its reply meanwhile.
+    while (RUNNING or _starting) and loop.time() < deadline:
+        if RUNNING:
+            await asyncio.wait(list(RUNNING.values()), timeout=deadline - loop.time())
+        else:
+            await asyncio.sleep(0.05)
     if not RUNNING:
         return
     left = dict(RUNNING)
