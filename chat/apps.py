@@ -8,11 +8,14 @@ def _without_statement_timeout(using: str, **kwargs) -> None:
     without the statement time limit (DATABASE_STATEMENT_TIMEOUT), and gets it back afterwards."""
     with connections[using].cursor() as cursor:
         cursor.execute("SET statement_timeout = 0")
+        # Nor the lock one: its ALTER TABLEs wait for a worker's Store transaction rather than fail.
+        cursor.execute("SET lock_timeout = 0")
 
 
 def _with_statement_timeout(using: str, **kwargs) -> None:
     with connections[using].cursor() as cursor:
-        cursor.execute("RESET statement_timeout")  # back to the value the connection started with
+        cursor.execute("RESET statement_timeout")  # back to the values the connection started with
+        cursor.execute("RESET lock_timeout")
 
 
 class ChatConfig(AppConfig):
