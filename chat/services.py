@@ -250,6 +250,16 @@ def _replace_from(conversation: Conversation, message_id: str) -> int:
     return target.pk
 
 
+def _sent_before(user, conversation_id: str | None, client_id: str):
+    """The user's earlier send of ``client_id``: to this conversation, or to any when it makes a new one (a
+    client_id sent to several is not the first of them: that one was taken, and the turn's insert broke
+    the unique constraint)."""
+    known = Message.objects.filter(client_id=client_id, conversation__owner=user)
+    if conversation_id is not None:
+        known = known.filter(conversation_id=_pk(conversation_id))
+    return known
+
+
 def begin_turn(
     user,
     conversation_id: str | None,
@@ -271,32 +281,6 @@ def begin_turn(
     # lookup as the replay's: a client_id known in another conversation would make a new turn here.)
     if refused is not None and not _sent_before(user, conversation_id, client_id).exists():
         raise refused
-    turn = _begin_turn(user, conversation_id, client_id, content, use_documents, model_name, control_channel, replaces)
-    if not turn.replayed:
-        limits.count_message(user)
-    return turn
-
-
-def _sent_before(user, conversation_id: str | None, client_id: str):
-    """The user's earlier send of ``client_id``: to this conversation, or to any when it makes a new one (a
-    client_id sent to several is not the first of them: that one was taken, and the turn's insert broke
-    the unique constraint)."""
-    known = Message.objects.filter(client_id=client_id, conversation__owner=user)
-    if conversation_id is not None:
-        known = known.filter(conversation_id=_pk(conversation_id))
-    return known
-
-
-def _begin_turn(
-    user,
-    conversation_id: str | None,
-    client_id: str,
-    content: str,
-    use_documents: bool | None,
-    model_name: str,
-    control_channel: str,
-    replaces: str | None,
-) -> Turn:
     with transaction.atomic():
         _lock_send(client_id)
         known = _sent_before(user, conversation_id, client_id).select_related("conversation").first()
@@ -330,6 +314,7 @@ def _begin_turn(
             conversation.save(update_fields=changed)
         scope = _scope(conversation)
         _unless_abandoned()
+    limits.count_message(user)  # a replay (returned above) made nothing new to count
     return Turn(conversation, user_message, reply, created_conversation=created, replaced=replaced, scope=scope)
 
 
@@ -338,12 +323,6 @@ def begin_regenerate(user, message_id: str, model_name: str, control_channel: st
     refused = limits.messages_refusal(user, None)
     if refused is not None:
         raise refused
-    turn = _begin_regenerate(user, message_id, model_name, control_channel)
-    limits.count_message(user)
-    return turn
-
-
-def _begin_regenerate(user, message_id: str, model_name: str, control_channel: str) -> Turn:
     with transaction.atomic():
         target = get_message(user, message_id)
         user_message = target if target.role == Message.Role.USER else target.reply_to
@@ -358,6 +337,7 @@ def _begin_regenerate(user, message_id: str, model_name: str, control_channel: s
         conversation.save(update_fields=["updated_at"])
         scope = _scope(conversation)
         _unless_abandoned()
+    limits.count_message(user)
     return Turn(conversation, user_message, reply, scope=scope)
 
 
