@@ -246,29 +246,6 @@ async def closed_with(client: Client) -> int | None:
     return output.get("code") if output["type"] == "websocket.close" else None
 
 
-async def test_a_connect_whose_subscription_fails_gives_its_socket_place_back(alice, refusing, settings):
-    """The socket is counted, then its subscription to the user's group fails: Channels calls no
-    disconnect() for a connect that raised, so the connect itself must uncount it, or each such socket
-    (a page reconnecting through a Redis outage) would hold a place of the cap for good."""
-    from asgiref.sync import sync_to_async
-
-    from tests.conftest import logged_in_session
-
-    settings.CHAT_MAX_SOCKETS_PER_USER = 1
-    refusing.admin.execute_command("ACL", "SETUSER", USER, "off")  # the socket's layer fails from the start
-    client = Client(alice)
-    client.communicator.scope["session"] = await sync_to_async(logged_in_session)(alice)
-    with contextlib.suppress(Exception):
-        await client.communicator.connect(timeout=15)
-    with contextlib.suppress(Exception):
-        await client.communicator.wait(timeout=5)
-    assert refusing.admin.zcard(sockets.sockets_key(alice.pk)) == 0
-    refusing.restore()
-    async with Client(alice) as again:  # the one place is free
-        assert (await again.say("[tokens=1]"))["type"] == "ack"
-        await again.recv_until("done")
-
-
 async def test_the_socket_over_the_cap_is_closed_with_4429(alice, bob, settings):
     settings.CHAT_MAX_SOCKETS_PER_USER = 2
     async with Client(alice) as first, Client(alice), Client(bob):
